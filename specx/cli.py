@@ -1,0 +1,153 @@
+"""The `specx` command line: export, run, info."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from specx.errors import SpecxError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export Hugging Face models to ONNX bundles and run speculative decoding on ONNX Runtime.")
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    autoregressive = "autoregressive"
+    speculative = "speculative"
+    staged = "staged"
+    ngram = "ngram"
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn errors a user can fix into one line on stderr and exit code 1 (no traceback)."""
+    try:
+        yield
+    except SpecxError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Hugging Face hub id (gpt2-large), local model directory, or .gguf file."),
+    draft: Optional[str] = typer.Option(None, help="Draft model source, or 'none'. Default: the family's draft "
+                                                   "(gpt2 -> distilgpt2); required for other families."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle directory. Default: $SPECX_HOME/<name>."),
+    dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks)."),
+    opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
+) -> None:
+    """Export a target model (and its draft) into one bundle: graphs, tokenizer, manifest."""
+    with _user_errors():
+        try:
+            from specx.exporter.pipeline import ExportRequest, export_bundle
+        except ImportError as exc:
+            raise SpecxError(f"export needs the export extra ({exc.name} is missing): pip install 'specx[export]'") from exc
+        from rich.console import Console
+
+        console = Console(stderr=True)
+
+        @contextlib.contextmanager
+        def progress(step: str) -> Iterator[None]:
+            with console.status(f"{step}..."):
+                yield
+            console.print(f"[green]done[/green] {step}")
+
+        path = export_bundle(ExportRequest(source, draft, output, dtype.value, opset), progress)
+        typer.echo(str(path))
+
+
+@app.command()
+def run(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    model: str = typer.Option("gpt2-large", help="Bundle directory, or a name under $SPECX_HOME."),
+    max_new_tokens: int = typer.Option(128, help="Number of tokens to generate at most."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
+    mode: Mode = typer.Option(Mode.auto, help="Decoding mode (auto picks the best the bundle supports)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end-of-sequence token."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+) -> None:
+    """Generate text from a bundle, streaming it as it is decided."""
+    with _user_errors():
+        from specx.runtime.bundle import resolve_bundle_dir
+        from specx.runtime.generator import Generator
+
+        generator = Generator.load(resolve_bundle_dir(model), provider=provider.value)
+        stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+        for piece in stream:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        result = stream.result
+        if result is None:
+            raise SpecxError("generation ended without a result")
+        if as_json:
+            typer.echo(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
+            return
+        s = result.stats
+        typer.echo("")
+        typer.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, mode {s.mode}, "
+                   f"provider {s.provider}]", err=True)
+
+
+@app.command()
+def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
+    """Summarise a bundle: models, architecture, dtype, parity, sizes."""
+    with _user_errors():
+        from specx.runtime.bundle import Bundle
+
+        b = Bundle.load(bundle)
+        m = b.manifest
+        typer.echo(f"bundle   {b.path}  (format {m.format_version}, specx {m.specx_version}, {m.created})")
+        typer.echo(f"dtype    {m.dtype}")
+        for entry in filter(None, (m.target, m.draft)):
+            a = entry.architecture
+            parity = entry.parity.get("max_abs_logit_diff")
+            typer.echo(
+                f"{entry.role:<8} {entry.source}  [{a.model_type}, {a.num_layers} layers, hidden {a.hidden_size}, "
+                f"{a.num_heads} heads / {a.num_kv_heads} kv, vocab {a.vocab_size}, context {a.max_positions}, "
+                f"{a.position_encoding} positions]  weights {entry.weight_bytes / 2**20:.1f} MiB  "
+                f"parity {parity:.2e}" if parity is not None else "parity n/a"
+            )
+        if m.draft is None:
+            typer.echo("draft    none")
+        t = m.tokenizer
+        typer.echo(f"tokenizer {t.file}  vocab {t.vocab_size}, bos {t.bos_token_id}, eos {list(t.eos_token_ids)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The torch/transformers side of specx (install with the ``export`` extra): load, adapt, export, validate."""

@@ -1,0 +1,186 @@
+"""`specx export`: target (+ draft) -> one self-contained bundle directory.
+
+The bundle is built in a hidden temporary directory beside the output and renamed into place at the end, so an
+interrupted export never leaves a directory that looks like a valid bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+
+import specx
+from specx.errors import ExportError, InvalidArgumentError
+from specx.exporter.adapters import ArchitectureAdapter, adapter_for
+from specx.exporter.onnx_export import DEFAULT_OPSET, export_decoder, gather_path
+from specx.exporter.sources import LoadedModel, load_source
+from specx.exporter.validate import validate_decoder
+from specx.graphs.passes import weight_bytes
+from specx.runtime.bundle import bundle_name, specx_home
+from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, TokenizerEntry
+
+NO_DRAFT = "none"
+TOKENIZER_FILE = "tokenizer.json"
+MIN_OPSET = 18  # torch.onnx's dynamo exporter emits opset 18 and newer
+
+Progress = Callable[[str], ContextManager[None]]
+
+
+def no_progress(_: str) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    source: str
+    draft: str | None = None  # None = the family's default draft; "none" = no draft
+    output: Path | None = None
+    dtype: str = "auto"  # auto | fp32 | fp16
+    opset: int = DEFAULT_OPSET
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "fp16" if torch.cuda.is_available() else "fp32"
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; use auto, {' or '.join(DTYPES)}")
+    return dtype
+
+
+def resolve_draft(draft: str | None, adapter: ArchitectureAdapter) -> str | None:
+    """The draft source to export, or None for a bundle without a draft."""
+    if draft is None:
+        if adapter.default_draft is None:
+            raise InvalidArgumentError(
+                f"{adapter.spec.model_type} models have no default draft; pass --draft SOURCE, or --draft none"
+            )
+        return adapter.default_draft
+    if draft.lower() == NO_DRAFT:
+        return None
+    if draft.startswith("self:"):
+        raise InvalidArgumentError(f"derived drafts ({draft}) are not supported by this version; pass a model or 'none'")
+    return draft
+
+
+def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> Path:
+    if request.opset < MIN_OPSET:
+        raise InvalidArgumentError(f"--opset must be at least {MIN_OPSET}, got {request.opset}")
+    dtype = resolve_dtype(request.dtype)
+    output = (request.output or specx_home() / bundle_name(request.source)).expanduser()
+    _check_output(output)
+    with progress(f"loading {request.source}"):
+        target = load_source(request.source, dtype)
+    target_adapter = adapter_for(target.model.config)
+    draft_source = resolve_draft(request.draft, target_adapter)
+    draft = None
+    if draft_source is not None:
+        with progress(f"loading draft {draft_source}"):
+            draft = load_source(draft_source, dtype)
+        check_draft_compatible(target, draft)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        target_entry = _export_model("target", target, target_adapter, staging, dtype, request.opset, progress)
+        draft_entry = None
+        if draft is not None:
+            draft_entry = _export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
+                                        request.opset, progress)
+        manifest = Manifest(
+            name=output.name,
+            dtype=dtype,
+            target=target_entry,
+            draft=draft_entry,
+            tokenizer=_write_tokenizer(target, staging),
+            specx_version=specx.__version__,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.write(staging)
+        _replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
+    """The checks llama.cpp makes before speculating: same vocabulary (size and strings), same special tokens."""
+    t_size, d_size = target.model.config.vocab_size, draft.model.config.vocab_size
+    if t_size != d_size:
+        raise ExportError(f"draft {draft.source} has vocabulary size {d_size}, the target {t_size}; pick a draft "
+                          "of the same model family")
+    if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise ExportError(f"draft {draft.source} tokenizes differently from the target (token strings differ)")
+    for role in ("bos_token_id", "eos_token_id"):
+        t, d = getattr(target.tokenizer, role), getattr(draft.tokenizer, role)
+        if t != d:
+            raise ExportError(f"draft {draft.source} has {role}={d}, the target {t}; the special tokens must match")
+
+
+def _export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
+                  opset: int, progress: Progress) -> ModelEntry:
+    path = staging / f"{role}.onnx"
+    kv_dtype = "float16" if dtype == "fp16" else "float32"
+    with progress(f"exporting {role} {loaded.source} to ONNX"):
+        contract = export_decoder(adapter, loaded.model, path, kv_dtype, opset)
+    with progress(f"validating {role} against PyTorch"):
+        parity = validate_decoder(adapter, loaded.model, contract, path, dtype)
+    return ModelEntry(
+        role=role,
+        source=loaded.source,
+        graph=path.name,
+        kv_gather=gather_path(path).name,
+        architecture=adapter.spec,
+        contract=contract,
+        weight_bytes=weight_bytes(path),
+        parity=parity.to_dict(),
+    )
+
+
+def _write_tokenizer(loaded: LoadedModel, staging: Path) -> TokenizerEntry:
+    tok = loaded.tokenizer
+    tok.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
+    generation = getattr(loaded.model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    special = {role: str(getattr(tok, role)) for role in ("bos_token", "eos_token", "pad_token", "unk_token")
+               if getattr(tok, role, None) is not None}
+    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+    return TokenizerEntry(
+        file=TOKENIZER_FILE,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=eos_ids,
+        pad_token_id=tok.pad_token_id,
+        special_tokens=special,
+        chat_template=template,
+    )
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise InvalidArgumentError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+        raise InvalidArgumentError(f"output {output} is a non-empty directory that is not a specx bundle; "
+                                   "pass another --output")
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Move the finished bundle into place; an older bundle at the same path is replaced."""
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output)

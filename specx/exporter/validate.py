@@ -1,0 +1,81 @@
+"""Post-export validation: the ONNX graph must give the PyTorch model's logits on a random token tree with a
+non-empty past (real KV from a prefix pass, not noise)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from specx.errors import ExportError
+from specx.exporter.adapters import ArchitectureAdapter
+from specx.exporter.wrapper import TreeDecoder
+from specx.graphs.contract import GraphContract
+from specx.runtime.tree import Tree, build_tree, chain
+
+# |ORT - torch| must stay below TOLERANCE[dtype] * max(1, max |logit|).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+VALIDATION_PAST = 7
+VALIDATION_TREE_NODES = 9
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_logit_diff: float
+    tolerance: float
+    provider: str
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"max_abs_logit_diff": self.max_abs_logit_diff, "tolerance": self.tolerance, "provider": self.provider}
+
+
+def random_tree(nodes: int, rng: np.random.Generator) -> Tree:
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, nodes)]
+    return build_tree(parents)
+
+
+def torch_tree_pass(wrapper: TreeDecoder, contract: GraphContract, prefix: np.ndarray, tree_tokens: np.ndarray,
+                    tree: Tree) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Prefix pass (chain) then one tree pass in PyTorch; returns tree logits and the prefix's KV."""
+    empty = [torch.zeros(1, contract.num_kv_heads, 0, contract.head_dim, dtype=wrapper.model.dtype)
+             for _ in contract.past_input_names]
+    run = chain(prefix.size)
+    with torch.no_grad():
+        out = wrapper(torch.from_numpy(prefix[None]), torch.from_numpy(run.positions(0)),
+                      torch.from_numpy(run.attention_mask(0)), *empty)
+        past = list(out[1:])
+        out = wrapper(torch.from_numpy(tree_tokens[None]), torch.from_numpy(tree.positions(prefix.size)),
+                      torch.from_numpy(tree.attention_mask(prefix.size)), *past)
+    return out[0].float().numpy(), past
+
+
+def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contract: GraphContract, path: Path,
+                     dtype: str, seed: int = 0) -> Parity:
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, contract.vocab_size, VALIDATION_PAST).astype(np.int64)
+    tree = random_tree(VALIDATION_TREE_NODES, rng)
+    tokens = rng.integers(0, contract.vocab_size, tree.size).astype(np.int64)
+    wrapper = TreeDecoder(model, adapter).eval()
+    reference, past = torch_tree_pass(wrapper, contract, prefix, tokens, tree)
+
+    providers = ["CUDAExecutionProvider"] if dtype == "fp16" and _has_cuda() else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), providers=providers)
+    feeds = {"input_ids": tokens[None], "position_ids": tree.positions(prefix.size),
+             "tree_mask": tree.attention_mask(prefix.size)}
+    feeds.update({name: value.numpy() for name, value in zip(contract.past_input_names, past)})
+    logits = session.run(["logits"], feeds)[0]
+    diff = float(np.max(np.abs(logits.astype(np.float64) - reference)))
+    tolerance = TOLERANCE[dtype] * max(1.0, float(np.max(np.abs(reference))))
+    if not diff <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"{path.name}: ONNX logits differ from PyTorch by {diff:.3g} (tolerance {tolerance:.3g}); "
+            "the export is wrong for this model, please report it"
+        )
+    return Parity(diff, tolerance, session.get_providers()[0])
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()

@@ -1,0 +1,38 @@
+"""The export wrapper: a thin module with the explicit signature every specx decoder graph has."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from specx.exporter.adapters import ArchitectureAdapter
+
+
+class TreeDecoder(torch.nn.Module):
+    """forward(input_ids, position_ids, tree_mask, *past) -> (logits, *present).
+
+    The boolean tree mask becomes the 4-D additive mask transformers accepts unchanged, so one pass can score any
+    token tree against the cache.
+    """
+
+    def __init__(self, model: PreTrainedModel, adapter: ArchitectureAdapter):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # input_ids, position_ids: (batch, seq); tree_mask: (batch, 1, seq, past+seq) bool
+        # past: (k0, v0, k1, v1, ...) each (batch, kv_heads, past, head_dim)
+        dtype = self.model.dtype
+        blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+        bias = torch.where(tree_mask, torch.tensor(0.0, dtype=dtype), blocked)  # (batch, 1, seq, past+seq)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=bias,
+            past_key_values=self.adapter.make_cache(past),
+            use_cache=True,
+        )
+        logits = out.logits.float()  # (batch, seq, vocab)
+        return (logits, *self.adapter.flatten_cache(out.past_key_values))

@@ -1,0 +1,10 @@
+"""The torch-free runtime: numpy + onnxruntime + tokenizers only.
+
+Importing this package must never import torch or transformers (a test enforces it).
+"""
+
+from specx.runtime.bundle import Bundle
+from specx.runtime.generator import GenerationResult, GenerationStats, Generator, TextStream
+from specx.runtime.sampling import SamplingConfig
+
+__all__ = ["Bundle", "GenerationResult", "GenerationStats", "Generator", "SamplingConfig", "TextStream"]

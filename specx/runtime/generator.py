@@ -1,0 +1,180 @@
+"""The public API: load a bundle once, generate many times.
+
+    from specx.runtime import Generator
+    gen = Generator.load("~/.cache/specx/gpt2-large", provider="auto")
+    result = gen.generate("def fib(n):", max_new_tokens=64)
+    print(result.text, result.stats.tokens_per_second)
+    for piece in gen.stream("Once upon a time", max_new_tokens=32):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from tokenizers.decoders import DecodeStream
+
+from specx.errors import InvalidArgumentError, NotImplementedModeError
+from specx.runtime.bundle import Bundle
+from specx.runtime.decoding import DecodeRequest, autoregressive
+from specx.runtime.manifest import ModelEntry
+from specx.runtime.sampling import SamplingConfig
+from specx.runtime.session import DecoderSession, Placement, check_graph, open_session
+
+MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
+IMPLEMENTED_MODES = ("autoregressive",)
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    provider: str
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    seconds: float = 0.0  # wall time of the whole call: prefill + decoding
+    tokens_per_second: float = 0.0  # new_tokens / seconds
+    prefill_seconds: float = 0.0
+    target_seconds: float = 0.0  # inside target runs (prefill included)
+    draft_seconds: float = 0.0
+    overhead_fraction: float = 0.0  # share of wall time outside model runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[int]  # new token ids (an EOS that stopped generation included)
+    text: str  # decoded new tokens, special tokens skipped
+    stats: GenerationStats
+
+
+@dataclass
+class TextStream:
+    """Iterate for text pieces as they are decided; ``result`` is set once the iteration ends."""
+
+    _pieces: Iterator[str]
+    result: GenerationResult | None = field(default=None)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class Generator:
+    def __init__(self, bundle: Bundle, target: DecoderSession):
+        self.bundle = bundle
+        self.target = target
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, provider: str = "auto") -> "Generator":
+        bundle = Bundle.load(bundle_dir)
+        return cls(bundle, _decoder(bundle, bundle.manifest.target, provider))
+
+    @property
+    def provider(self) -> str:
+        return self.target.placement.name
+
+    @property
+    def max_positions(self) -> int:
+        return self.bundle.manifest.target.architecture.max_positions
+
+    # -- public API --------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 ignore_eos: bool = False) -> GenerationResult:
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+        for _ in stream:
+            pass
+        assert stream.result is not None  # set when the iteration ends
+        return stream.result
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               ignore_eos: bool = False) -> TextStream:
+        """Validate everything up front, then return a stream of text pieces (nothing runs until iterated)."""
+        mode = self._resolve_mode(mode)
+        request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
+        stream = TextStream(iter(()))
+        stream._pieces = self._run(mode, request, stream)
+        return stream
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _resolve_mode(self, mode: str) -> str:
+        if mode not in MODES:
+            raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "auto":
+            return "autoregressive"
+        if mode not in IMPLEMENTED_MODES:
+            raise NotImplementedModeError(
+                f"mode {mode!r} is not implemented in this version of specx; use --mode autoregressive"
+            )
+        return mode
+
+    def _request(self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
+                 ignore_eos: bool) -> DecodeRequest:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidArgumentError("the prompt is empty; pass some text")
+            ids = tuple(self.bundle.tokenizer.encode(prompt).ids)
+        else:
+            ids = tuple(int(t) for t in prompt)
+        if not ids:
+            raise InvalidArgumentError("the prompt is empty; pass some text")
+        vocab = self.target.contract.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidArgumentError(f"prompt token ids must lie in [0, {vocab})")
+        if max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(ids) + max_new_tokens > self.max_positions:
+            raise InvalidArgumentError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                f"{self.max_positions} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        stop = frozenset() if ignore_eos else frozenset(self.bundle.manifest.tokenizer.eos_token_ids)
+        return DecodeRequest(ids, max_new_tokens, sampling, stop)
+
+    def _run(self, mode: str, request: DecodeRequest, stream: TextStream) -> Iterator[str]:
+        rng = np.random.default_rng(request.sampling.seed)
+        self.target.reset()
+        self.target.reset_counters()
+        decoder = DecodeStream(skip_special_tokens=True)
+        tokens: list[int] = []
+        start = time.perf_counter()
+        first_token_at = None
+        for token in autoregressive(self.target, request, rng):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            tokens.append(token)
+            piece = decoder.step(self.bundle.tokenizer, token)
+            if piece:
+                yield piece
+        seconds = time.perf_counter() - start
+        stats = GenerationStats(
+            mode=mode,
+            provider=self.provider,
+            new_tokens=len(tokens),
+            prompt_tokens=len(request.prompt_ids),
+            target_calls=self.target.calls,
+            seconds=seconds,
+            tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
+            prefill_seconds=(first_token_at or start) - start,
+            target_seconds=self.target.seconds,
+            overhead_fraction=max(0.0, 1.0 - self.target.seconds / seconds) if seconds > 0 else 0.0,
+        )
+        text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
+        stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
+
+
+def _decoder(bundle: Bundle, entry: ModelEntry, provider: str) -> DecoderSession:
+    session, placement = open_session(bundle.graph_path(entry), provider)
+    gather, _ = open_session(bundle.gather_path(entry), placement.name)
+    check_graph(session, entry.contract, entry.graph)
+    check_graph(gather, entry.contract.kv_gather(), entry.kv_gather)
+    return DecoderSession(session, gather, entry.contract, placement)

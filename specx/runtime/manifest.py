@@ -1,0 +1,168 @@
+"""The bundle manifest: one JSON file that says what a bundle holds. Written by the exporter, read by the runtime.
+
+Bundle layout::
+
+    <bundle>/manifest.json
+             target.onnx (+ target.onnx.data)     decoder graph, see specx.graphs.contract
+             target.kv_gather.onnx                helper graph that commits a subset of KV positions
+             draft.onnx, draft.kv_gather.onnx     when the bundle has a draft
+             tokenizer.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specx.errors import BundleError
+from specx.graphs.contract import GraphContract
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """An architecture's figures, normalised once from its Hugging Face config by the exporter's adapter."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    position_encoding: str  # "learned" | "rope"
+    tied_embeddings: bool
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchitectureSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    role: str  # "target" | "draft"
+    source: str  # what the user passed to `specx export`
+    graph: str  # file name inside the bundle
+    kv_gather: str
+    architecture: ArchitectureSpec
+    contract: GraphContract
+    weight_bytes: int  # bytes of initializers, what one forward pass reads
+    parity: dict[str, float] = field(default_factory=dict)  # max_abs_logit_diff, tolerance
+    derived_from: str | None = None  # e.g. "self:layers=4" for drafts made from the target
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["contract"] = self.contract.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelEntry":
+        return cls(
+            role=str(d["role"]),
+            source=str(d["source"]),
+            graph=str(d["graph"]),
+            kv_gather=str(d["kv_gather"]),
+            architecture=ArchitectureSpec.from_dict(d["architecture"]),
+            contract=GraphContract.from_dict(d["contract"]),
+            weight_bytes=int(d["weight_bytes"]),
+            parity=dict(d.get("parity") or {}),
+            derived_from=d.get("derived_from"),
+        )
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    file: str
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # role -> token string, e.g. {"eos_token": "</s>"}
+    chat_template: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenizerEntry":
+        return cls(
+            file=str(d["file"]),
+            vocab_size=int(d["vocab_size"]),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=tuple(int(t) for t in d.get("eos_token_ids") or ()),
+            pad_token_id=d.get("pad_token_id"),
+            special_tokens=dict(d.get("special_tokens") or {}),
+            chat_template=d.get("chat_template"),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    dtype: str
+    target: ModelEntry
+    draft: ModelEntry | None
+    tokenizer: TokenizerEntry
+    specx_version: str
+    created: str
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "specx_version": self.specx_version,
+            "name": self.name,
+            "created": self.created,
+            "dtype": self.dtype,
+            "target": self.target.to_dict(),
+            "draft": self.draft.to_dict() if self.draft else None,
+            "tokenizer": asdict(self.tokenizer),
+        }
+
+    def write(self, bundle_dir: Path) -> None:
+        (bundle_dir / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, bundle_dir: Path) -> "Manifest":
+        path = bundle_dir / MANIFEST_FILE
+        if not bundle_dir.is_dir():
+            raise BundleError(f"no bundle at {bundle_dir}: the directory does not exist; create one with `specx export`")
+        if not path.is_file():
+            raise BundleError(f"{bundle_dir} is not a specx bundle (no {MANIFEST_FILE}); create one with `specx export`")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path} is corrupt ({exc}); re-export the bundle with `specx export`") from exc
+        if not isinstance(d, dict):
+            raise BundleError(f"{path} is corrupt (not a JSON object); re-export the bundle with `specx export`")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{path} has no valid format_version; re-export the bundle with `specx export`")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{bundle_dir} uses bundle format {version}, newer than this specx reads ({FORMAT_VERSION}); "
+                "upgrade specx (pip install -U specx)"
+            )
+        if version < FORMAT_VERSION:
+            raise BundleError(f"{bundle_dir} uses the old bundle format {version}; re-export it with `specx export`")
+        try:
+            manifest = cls(
+                name=str(d["name"]),
+                dtype=str(d["dtype"]),
+                target=ModelEntry.from_dict(d["target"]),
+                draft=ModelEntry.from_dict(d["draft"]) if d.get("draft") else None,
+                tokenizer=TokenizerEntry.from_dict(d["tokenizer"]),
+                specx_version=str(d.get("specx_version", "?")),
+                created=str(d.get("created", "?")),
+                format_version=version,
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path} is corrupt (missing or bad field {exc}); re-export the bundle") from exc
+        if manifest.dtype not in DTYPES:
+            raise BundleError(f"{path}: unknown dtype {manifest.dtype!r}; expected one of {', '.join(DTYPES)}")
+        return manifest

@@ -1,0 +1,80 @@
+"""Token-tree maths, pure numpy.
+
+A tree of ``n`` nodes is given by ``parents`` in topological order (``parents[i] < i``; node 0 is the root with
+parent -1). Everything the decoder needs follows from it::
+
+    parents  [-1, 0, 0, 1]          0
+    depth    [ 0, 1, 1, 2]         / \\
+    mask     1 0 0 0               1   2        row i = row of parents[i] OR e_i:
+             1 1 0 0               |            node i sees its ancestors and itself
+             1 0 1 0               3
+             1 1 0 1
+
+A prompt (or any token run) is the chain ``parents = [-1, 0, 1, ...]``, whose mask is causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from specx.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class Tree:
+    parents: np.ndarray  # (n,) int64, -1 for the root
+    depth: np.ndarray  # (n,) int64, 0 for the root
+    mask: np.ndarray  # (n, n) bool, ancestors-or-self
+
+    @property
+    def size(self) -> int:
+        return int(self.parents.shape[0])
+
+    def positions(self, past_len: int) -> np.ndarray:
+        """Absolute positions of the nodes when ``past_len`` tokens are already cached. Shape (1, n) int64."""
+        return (past_len + self.depth)[None, :]
+
+    def attention_mask(self, past_len: int) -> np.ndarray:
+        """The decoder's tree_mask: every node sees the whole cache plus its ancestors and itself.
+
+        Shape (1, 1, n, past_len + n) bool.
+        """
+        n = self.size
+        full = np.ones((1, 1, n, past_len + n), dtype=bool)
+        full[0, 0, :, past_len:] = self.mask
+        return full
+
+    def path(self, node: int) -> np.ndarray:
+        """Node indices from the root to ``node`` inclusive (root first)."""
+        return np.flatnonzero(self.mask[node])  # ancestors have smaller indices: topological order is path order
+
+    def children(self, node: int) -> np.ndarray:
+        return np.flatnonzero(self.parents == node)
+
+
+def build_tree(parents: np.ndarray | list[int]) -> Tree:
+    p = np.asarray(parents, dtype=np.int64)
+    if p.ndim != 1 or p.size == 0:
+        raise InvalidArgumentError("a token tree needs a non-empty 1-D parents array")
+    if p[0] != -1 or np.any(p[1:] < 0) or np.any(p[1:] >= np.arange(1, p.size)):
+        raise InvalidArgumentError("parents must be in topological order: parents[0] == -1 and 0 <= parents[i] < i")
+    n = p.size
+    mask = np.zeros((n, n), dtype=bool)
+    depth = np.zeros(n, dtype=np.int64)
+    mask[0, 0] = True
+    for i in range(1, n):
+        mask[i] = mask[p[i]]
+        mask[i, i] = True
+        depth[i] = depth[p[i]] + 1
+    for a in (p, depth, mask):
+        a.flags.writeable = False
+    return Tree(parents=p, depth=depth, mask=mask)
+
+
+def chain(n: int) -> Tree:
+    """A straight run of ``n`` tokens (a prompt, or a draft chain): causal mask, depths 0..n-1."""
+    if n < 1:
+        raise InvalidArgumentError("a chain needs at least one token")
+    return build_tree(np.arange(-1, n - 1))

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import tiny_models
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(models_dir: Path) -> Path:
+    return tiny_models.save_gpt2(models_dir / "tiny-gpt2", n_layer=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def gpt2_draft_dir(models_dir: Path) -> Path:
+    return tiny_models.save_gpt2(models_dir / "tiny-gpt2-draft", n_layer=1, n_embd=32, n_head=2, seed=5)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(models_dir: Path) -> Path:
+    return tiny_models.save_llama(models_dir / "tiny-llama", tied=False)
+
+
+@pytest.fixture(scope="session")
+def gpt2_bundle(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path, gpt2_draft_dir: Path) -> Path:
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-gpt2"
+    return export_bundle(ExportRequest(str(gpt2_dir), draft=str(gpt2_draft_dir), output=out, dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama"
+    return export_bundle(ExportRequest(str(llama_dir), draft="none", output=out, dtype="fp32"))
