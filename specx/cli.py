@@ -115,7 +115,8 @@ def run(
             typer.echo(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats.to_dict()}))
             return
         s = result.stats
-        typer.echo("")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
         typer.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, mode {s.mode}, "
                    f"provider {s.provider}]", err=True)
 

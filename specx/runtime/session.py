@@ -25,8 +25,9 @@ from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from specx.errors import ContractError, InvalidArgumentError, ProviderError
+from specx.errors import BundleError, ContractError, InvalidArgumentError, ProviderError
 from specx.graphs.contract import INPUT_IDS, KEEP, LOGITS, METADATA_KEY, POSITION_IDS, TREE_MASK, GraphContract
 
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -64,12 +65,12 @@ def open_session(path: Path, provider: str, options: ort.SessionOptions | None =
         )
     if not wants_cuda:
         cpu = Placement("cpu", "cpu")
-        return ort.InferenceSession(str(path), options, providers=cpu.providers), cpu
+        return _load(path, options, cpu.providers), cpu
     cuda = Placement("cuda", "cuda")
     if provider == "auto":
         ort.set_default_logger_severity(_QUIET)
     try:
-        session = ort.InferenceSession(str(path), options, providers=cuda.providers)
+        session = _load(path, options, cuda.providers)
     finally:
         ort.set_default_logger_severity(2)
     if _ORT_PROVIDER["cuda"] in session.get_providers():
@@ -80,6 +81,18 @@ def open_session(path: Path, provider: str, options: ort.SessionOptions | None =
             "install the CUDA and cuDNN libraries onnxruntime-gpu needs, or run with --provider cpu"
         )
     return session, Placement("cpu", "cpu")
+
+
+_LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.NoModel,
+                ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.RuntimeException)
+
+
+def _load(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except _LOAD_ERRORS as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"cannot load graph {path}: {first_line}; re-export the bundle with `specx export`") from exc
 
 
 def default_session_options() -> ort.SessionOptions:

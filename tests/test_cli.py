@@ -1,0 +1,198 @@
+"""The CLI, and every bad input: one line naming the problem, exit code != 0, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from typer.testing import CliRunner
+
+from specx.cli import app
+from tests import tiny_models
+
+runner = CliRunner()
+
+
+def _ok(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _user_error(args, match):
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and match in lines[0], result.output
+    return lines[0]
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+# -- run -----------------------------------------------------------------------------------------------------------
+def test_run_json(gpt2_bundle):
+    out = json.loads(_ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "12",
+                          "--ignore-eos", "--json"]).stdout)
+    assert set(out) == {"text", "tokens", "stats"}
+    stats = out["stats"]
+    for key in ("mode", "provider", "new_tokens", "target_calls", "draft_calls", "seconds", "tokens_per_second"):
+        assert key in stats
+    assert stats["new_tokens"] == len(out["tokens"]) == 12 and stats["mode"] == "autoregressive"
+
+
+def test_run_streams_text_and_summary(gpt2_bundle):
+    result = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
+                  "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
+    assert "tokens/s" in result.stderr and "mode autoregressive" in result.stderr and "provider cpu" in result.stderr
+    again = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
+                 "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
+    assert result.stdout == again.stdout
+
+
+def test_info(gpt2_bundle):
+    out = _ok(["info", str(gpt2_bundle)]).stdout
+    assert "target" in out and "draft" in out and "gpt2" in out and "parity" in out
+
+
+def test_export_cli_to_specx_home_and_run_by_name(tmp_path, monkeypatch, models_dir):
+    monkeypatch.setenv("SPECX_HOME", str(tmp_path / "home"))
+    src = tiny_models.save_llama(models_dir / "tiny-llama-tied", tied=True, layers=1, seed=3)
+    _ok(["export", str(src), "--draft", "none", "--dtype", "fp32"])
+    bundle = tmp_path / "home" / "tiny-llama-tied"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["target"]["architecture"]["tied_embeddings"] is True and manifest["draft"] is None
+    assert manifest["target"]["parity"]["max_abs_logit_diff"] < manifest["target"]["parity"]["tolerance"]
+    out = json.loads(_ok(["run", "--model", "tiny-llama-tied", "--prompt", "one", "--max-new-tokens", "3",
+                          "--json"]).stdout)
+    assert out["stats"]["new_tokens"] >= 1
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+def test_missing_bundle(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECX_HOME", str(tmp_path))
+    line = _user_error(["run", "--prompt", "hi"], "specx export gpt2-large")
+    assert "gpt2-large" in line
+
+
+def test_corrupt_manifest(gpt2_bundle, tmp_path):
+    bundle = _copy(gpt2_bundle, tmp_path)
+    (bundle / "manifest.json").write_text("{not json")
+    _user_error(["run", "--model", str(bundle), "--prompt", "hi"], "corrupt")
+
+
+def test_corrupt_graph(gpt2_bundle, tmp_path):
+    bundle = _copy(gpt2_bundle, tmp_path)
+    (bundle / "target.onnx").write_bytes(b"garbage")
+    _user_error(["run", "--model", str(bundle), "--prompt", "hi", "--provider", "cpu"], "re-export")
+
+
+def test_missing_graph_file(gpt2_bundle, tmp_path):
+    bundle = _copy(gpt2_bundle, tmp_path)
+    (bundle / "target.kv_gather.onnx").unlink()
+    _user_error(["run", "--model", str(bundle), "--prompt", "hi"], "incomplete")
+
+
+def test_newer_bundle_format(gpt2_bundle, tmp_path):
+    bundle = _copy(gpt2_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    _user_error(["info", str(bundle)], "upgrade specx")
+
+
+def test_contract_mismatch(gpt2_bundle, tmp_path):
+    bundle = _copy(gpt2_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["target"]["contract"]["num_kv_heads"] += 1
+    manifest["target"]["contract"]["inputs"][3]["shape"][1] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    _user_error(["run", "--model", str(bundle), "--prompt", "hi", "--provider", "cpu"], "contract")
+
+
+def test_empty_prompt(gpt2_bundle):
+    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", ""], "empty")
+
+
+@pytest.mark.parametrize("flag,value,match", [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"),
+                                              ("--top-k", "-3", "top_k"), ("--max-new-tokens", "0", "max_new_tokens"),
+                                              ("--max-new-tokens", "100000", "context")])
+def test_invalid_sampling_and_length(gpt2_bundle, flag, value, match):
+    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", flag, value], match)
+
+
+def test_mode_not_implemented(gpt2_bundle):
+    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--mode", "staged"], "not implemented")
+
+
+def test_unavailable_provider(gpt2_bundle):
+    try:
+        ort.InferenceSession(str(gpt2_bundle / "target.kv_gather.onnx"), providers=["CUDAExecutionProvider"])
+        ort_cuda = "CUDAExecutionProvider" in ort.InferenceSession(
+            str(gpt2_bundle / "target.kv_gather.onnx"), providers=["CUDAExecutionProvider"]).get_providers()
+    except Exception:
+        ort_cuda = False
+    if ort_cuda:
+        pytest.skip("CUDA works on this machine")
+    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--provider", "cuda"], "cuda")
+
+
+def test_unknown_model_type(tmp_path):
+    config = GPTNeoXConfig(vocab_size=tiny_models.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    src = tmp_path / "neox"
+    GPTNeoXForCausalLM(config).save_pretrained(src)
+    tiny_models.train_tokenizer(["<|endoftext|>"])  # a tokenizer is needed for loading
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tiny_models.train_tokenizer(["<|endoftext|>"]),
+                            eos_token="<|endoftext|>").save_pretrained(src)
+    line = _user_error(["export", str(src), "--draft", "none", "-o", str(tmp_path / "out")], "gpt_neox")
+    assert "gpt2" in line and "llama" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _user_error(["export", "specx-test/no-such-model", "-o", str(tmp_path / "out")], "hub")
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_gpt2_draft_needs_the_hub(gpt2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _user_error(["export", str(gpt2_dir), "-o", str(tmp_path / "out")], "distilgpt2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama_needs_explicit_draft(llama_dir, tmp_path):
+    _user_error(["export", str(llama_dir), "-o", str(tmp_path / "out")], "--draft")
+
+
+def test_incompatible_draft(gpt2_dir, llama_dir, tmp_path):
+    _user_error(["export", str(gpt2_dir), "--draft", str(llama_dir), "-o", str(tmp_path / "out")], "draft")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_leaves_nothing(gpt2_dir, tmp_path, monkeypatch):
+    from specx.errors import ExportError
+    from specx.exporter import pipeline
+
+    def broken(*args, **kwargs):
+        raise ExportError("validation failed on purpose")
+
+    monkeypatch.setattr(pipeline, "validate_decoder", broken)
+    _user_error(["export", str(gpt2_dir), "--draft", "none", "-o", str(tmp_path / "out")], "on purpose")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_gguf(tmp_path):
+    _user_error(["export", str(tmp_path / "model.gguf"), "--draft", "none"], "does not exist")
