@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; set before huggingface_hub is imported
 
-from tests import tiny_models
+from pathlib import Path  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+import pytest  # noqa: E402
+
+from tests import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
