@@ -13,7 +13,7 @@ def open_target(bundle_dir: Path, batch: int = 1) -> DecoderSession:
     bundle = Bundle.load(bundle_dir)
     session = _decoder(bundle, bundle.manifest.target, "cpu")
     if batch != 1:
-        session = DecoderSession(session._decoder, session._gather, session.contract, session.placement, batch=batch)
+        session = DecoderSession(session._decoder, session._gather_session, session.contract, session.placement, batch=batch)
     return session
 
 

@@ -5,11 +5,13 @@ The caller owns timing and statistics; the loops only drive sessions and choose 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from specx.runtime.acceptance import Acceptance, accept
+from specx.runtime.drafting import DraftTree, TreeShape, grow_tree
 from specx.runtime.sampling import SamplingConfig, choose_token
 from specx.runtime.session import DecoderSession
 from specx.runtime.tree import chain
@@ -21,6 +23,15 @@ class DecodeRequest:
     max_new_tokens: int
     sampling: SamplingConfig
     stop_ids: frozenset[int]  # empty when EOS is ignored
+    max_positions: int  # the target's context
+
+
+@dataclass
+class StepLog:
+    """What the speculative loop did, step by step (the caller turns it into statistics)."""
+
+    accepted: list[int] = field(default_factory=list)  # accepted draft tokens per target call
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per target call, root included
 
 
 def feed(session: DecoderSession, tokens: np.ndarray) -> np.ndarray:
@@ -47,3 +58,55 @@ def autoregressive(target: DecoderSession, request: DecodeRequest, rng: np.rando
         if token in request.stop_ids or produced == request.max_new_tokens:
             return
         logits = feed(target, np.asarray([token], dtype=np.int64))
+
+
+def speculative(target: DecoderSession, draft: DecoderSession, request: DecodeRequest, shape: TreeShape,
+                rng: np.random.Generator, log: StepLog) -> Iterator[int]:
+    """Tree speculative decoding: draft a tree, verify it in one target pass, accept, commit.
+
+    Invariant between steps: both caches hold the committed tokens except the last one (the root of the next tree);
+    the draft may lag behind by a few tokens, which it catches up on in its first call of the next step.
+    """
+    committed = list(request.prompt_ids)
+    if len(committed) > 1:
+        feed(target, np.asarray(committed[:-1], dtype=np.int64))
+    produced = 0
+    while True:
+        remaining = request.max_new_tokens - produced
+        room = request.max_positions - len(committed)  # positions left after the root's
+        drafted = draft_step(draft, committed, shape.limited(min(remaining - 1, room)))
+        logits = verify(target, drafted)
+        result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng)
+        commit_step(target, draft, drafted, result, len(committed))
+        log.accepted.append(len(result.path))
+        log.tree_sizes.append(drafted.tree.size)
+        for token in [*(int(drafted.tokens[n]) for n in result.path), result.next_token]:
+            yield token
+            produced += 1
+            committed.append(token)
+            if token in request.stop_ids or produced == request.max_new_tokens:
+                return
+
+
+def draft_step(draft: DecoderSession, committed: list[int], shape: TreeShape) -> DraftTree:
+    """Grow the tree from the last committed token; the draft first catches up on tokens it has not seen."""
+    pending = np.asarray(committed[draft.past_len:], dtype=np.int64)
+    return grow_tree(draft, pending, shape)
+
+
+def verify(target: DecoderSession, drafted: DraftTree) -> np.ndarray:
+    """ONE target pass over every node: logits (n, vocab)."""
+    tree = drafted.tree
+    return target.forward(
+        drafted.tokens[None],  # (1, n)
+        tree.positions(target.past_len),  # (1, n): committed length - 1 + depth
+        tree.attention_mask(target.past_len),  # (1, 1, n, past + n)
+    )[0]
+
+
+def commit_step(target: DecoderSession, draft: DecoderSession, drafted: DraftTree, result: Acceptance,
+                committed_len: int) -> None:
+    """Keep the accepted path (root + accepted nodes, in path order) in both caches; drop the rest of the tree."""
+    target.commit([0, *result.path])
+    kept = [drafted.slots[n] for n in result.path if n in drafted.slots]  # processed nodes: a prefix of the path
+    draft.select(np.concatenate([np.arange(committed_len, dtype=np.int64), np.asarray(kept, dtype=np.int64)]))

@@ -20,13 +20,17 @@ from tokenizers.decoders import DecodeStream
 
 from specx.errors import InvalidArgumentError, NotImplementedModeError
 from specx.runtime.bundle import Bundle
-from specx.runtime.decoding import DecodeRequest, autoregressive
+from specx.runtime.decoding import DecodeRequest, StepLog, autoregressive, speculative
+from specx.runtime.drafting import TreeShape
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, Placement, check_graph, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
-IMPLEMENTED_MODES = ("autoregressive",)
+IMPLEMENTED_MODES = ("autoregressive", "speculative")
+# Default tree for --mode speculative, chosen by measurement (docs/benchmarks.md).
+DEFAULT_TREE_BUDGET = 8
+DEFAULT_TREE_DEPTH = 4
 
 
 @dataclass
@@ -43,6 +47,11 @@ class GenerationStats:
     target_seconds: float = 0.0  # inside target runs (prefill included)
     draft_seconds: float = 0.0
     overhead_fraction: float = 0.0  # share of wall time outside model runs
+    tokens_per_target_call: float = 0.0  # tau
+    accepted_histogram: list[int] = field(default_factory=list)  # [k] = target calls that accepted k draft tokens
+    weight_bytes_ratio: float = 1.0  # weight bytes read per token relative to plain decoding
+    tree_budget: int = 0
+    tree_depth: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,14 +76,17 @@ class TextStream:
 
 
 class Generator:
-    def __init__(self, bundle: Bundle, target: DecoderSession):
+    def __init__(self, bundle: Bundle, target: DecoderSession, draft: DecoderSession | None):
         self.bundle = bundle
         self.target = target
+        self.draft = draft
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "auto") -> "Generator":
         bundle = Bundle.load(bundle_dir)
-        return cls(bundle, _decoder(bundle, bundle.manifest.target, provider))
+        target = _decoder(bundle, bundle.manifest.target, provider)
+        draft = _decoder(bundle, bundle.manifest.draft, target.placement.name) if bundle.manifest.draft else None
+        return cls(bundle, target, draft)
 
     @property
     def provider(self) -> str:
@@ -82,14 +94,17 @@ class Generator:
 
     @property
     def max_positions(self) -> int:
-        return self.bundle.manifest.target.architecture.max_positions
+        entries = filter(None, (self.bundle.manifest.target, self.bundle.manifest.draft))
+        return min(e.architecture.max_positions for e in entries)
 
     # -- public API --------------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 ignore_eos: bool = False) -> GenerationResult:
+                 ignore_eos: bool = False, tree_budget: int | None = None,
+                 tree_depth: int | None = None) -> GenerationResult:
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+                             top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
+                             tree_depth=tree_depth)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
@@ -97,12 +112,14 @@ class Generator:
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               ignore_eos: bool = False) -> TextStream:
+               ignore_eos: bool = False, tree_budget: int | None = None,
+               tree_depth: int | None = None) -> TextStream:
         """Validate everything up front, then return a stream of text pieces (nothing runs until iterated)."""
         mode = self._resolve_mode(mode)
         request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
+        shape = tree_shape(tree_budget, tree_depth)
         stream = TextStream(iter(()))
-        stream._pieces = self._run(mode, request, stream)
+        stream._pieces = self._run(mode, request, shape, stream)
         return stream
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -110,10 +127,15 @@ class Generator:
         if mode not in MODES:
             raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "auto":
-            return "autoregressive"
+            return "speculative" if self.draft is not None else "autoregressive"
         if mode not in IMPLEMENTED_MODES:
             raise NotImplementedModeError(
                 f"mode {mode!r} is not implemented in this version of specx; use --mode autoregressive"
+                + (" or speculative" if self.draft is not None else "")
+            )
+        if mode == "speculative" and self.draft is None:
+            raise InvalidArgumentError(
+                "mode 'speculative' needs a bundle with a draft model; export one with --draft, or use autoregressive"
             )
         return mode
 
@@ -138,17 +160,24 @@ class Generator:
                 f"{self.max_positions} tokens; shorten the prompt or lower max_new_tokens"
             )
         stop = frozenset() if ignore_eos else frozenset(self.bundle.manifest.tokenizer.eos_token_ids)
-        return DecodeRequest(ids, max_new_tokens, sampling, stop)
+        return DecodeRequest(ids, max_new_tokens, sampling, stop, self.max_positions)
 
-    def _run(self, mode: str, request: DecodeRequest, stream: TextStream) -> Iterator[str]:
+    def _run(self, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream) -> Iterator[str]:
         rng = np.random.default_rng(request.sampling.seed)
-        self.target.reset()
-        self.target.reset_counters()
+        sessions = [s for s in (self.target, self.draft) if s is not None]
+        for session in sessions:
+            session.reset()
+            session.reset_counters()
+        log = StepLog()
+        if mode == "speculative":
+            tokens_iter = speculative(self.target, self.draft, request, shape, rng, log)
+        else:
+            tokens_iter = autoregressive(self.target, request, rng)
         decoder = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []
         start = time.perf_counter()
         first_token_at = None
-        for token in autoregressive(self.target, request, rng):
+        for token in tokens_iter:
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             tokens.append(token)
@@ -156,20 +185,49 @@ class Generator:
             if piece:
                 yield piece
         seconds = time.perf_counter() - start
-        stats = GenerationStats(
-            mode=mode,
-            provider=self.provider,
-            new_tokens=len(tokens),
-            prompt_tokens=len(request.prompt_ids),
-            target_calls=self.target.calls,
-            seconds=seconds,
-            tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
-            prefill_seconds=(first_token_at or start) - start,
-            target_seconds=self.target.seconds,
-            overhead_fraction=max(0.0, 1.0 - self.target.seconds / seconds) if seconds > 0 else 0.0,
-        )
+        stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape)
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
+
+    def _stats(self, mode: str, request: DecodeRequest, tokens: list[int], seconds: float, prefill_seconds: float,
+               log: StepLog, shape: TreeShape) -> GenerationStats:
+        manifest = self.bundle.manifest
+        draft_calls = self.draft.calls if self.draft is not None and mode == "speculative" else 0
+        draft_seconds = self.draft.seconds if self.draft is not None and mode == "speculative" else 0.0
+        target_calls = self.target.calls
+        new = len(tokens)
+        verify_calls = len(log.accepted) if mode == "speculative" else target_calls  # calls that produced tokens
+        target_bytes = manifest.target.weight_bytes
+        draft_bytes = manifest.draft.weight_bytes if manifest.draft else 0
+        histogram = np.bincount(log.accepted, minlength=1).tolist() if log.accepted else []
+        model_seconds = self.target.seconds + draft_seconds
+        return GenerationStats(
+            mode=mode,
+            provider=self.provider,
+            new_tokens=new,
+            prompt_tokens=len(request.prompt_ids),
+            target_calls=target_calls,
+            draft_calls=draft_calls,
+            seconds=seconds,
+            tokens_per_second=new / seconds if seconds > 0 else 0.0,
+            prefill_seconds=prefill_seconds,
+            target_seconds=self.target.seconds,
+            draft_seconds=draft_seconds,
+            overhead_fraction=max(0.0, 1.0 - model_seconds / seconds) if seconds > 0 else 0.0,
+            tokens_per_target_call=new / verify_calls if verify_calls else 0.0,
+            accepted_histogram=histogram,
+            weight_bytes_ratio=(target_calls * target_bytes + draft_calls * draft_bytes) / (new * target_bytes)
+            if new else 0.0,
+            tree_budget=shape.budget if mode == "speculative" else 0,
+            tree_depth=shape.depth if mode == "speculative" else 0,
+        )
+
+
+def tree_shape(budget: int | None, depth: int | None) -> TreeShape:
+    """The tree for a step: defaults where not given; a budget never below the depth unless asked for."""
+    depth = DEFAULT_TREE_DEPTH if depth is None else depth
+    budget = max(DEFAULT_TREE_BUDGET, depth) if budget is None else budget
+    return TreeShape(budget=budget, depth=depth)
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str) -> DecoderSession:

@@ -120,7 +120,7 @@ class DecoderSession:
         self.placement = placement
         self.batch = batch
         self._decoder = decoder
-        self._gather = gather
+        self._gather_session = gather
         self._kv_type = _NUMPY_KV[contract.kv_dtype]
         self._past: list[ort.OrtValue] = []
         self._present: list[ort.OrtValue] | None = None
@@ -182,26 +182,45 @@ class DecoderSession:
         """Make the last pass's KV part of the cache: all new positions, or only ``keep`` (indices into the pass)."""
         if self._present is None:
             raise InvalidArgumentError("commit() without a forward() pass to commit")
+        present, self._present = self._present, None
         if keep is None:
-            self._past, self.past_len = self._present, self.past_len + self._pending_len
-            self._present = None
+            self._past, self.past_len = present, self.past_len + self._pending_len
             return
         keep = np.asarray(keep, dtype=np.int64)
         if keep.ndim != 1 or np.any(keep < 0) or np.any(keep >= self._pending_len):
             raise InvalidArgumentError(f"keep indices must lie in [0, {self._pending_len}) for the last pass")
-        index = np.concatenate([np.arange(self.past_len, dtype=np.int64), self.past_len + keep])
-        io = self._gather.io_binding()
-        for name, value in zip(self.contract.present_output_names, self._present):
+        self._past = self._gather(present, np.concatenate([np.arange(self.past_len, dtype=np.int64),
+                                                           self.past_len + keep]))
+        self.past_len += int(keep.size)
+
+    def select(self, positions: Sequence[int] | np.ndarray) -> None:
+        """Keep only the listed committed cache positions, in the order given (on the device)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.ndim != 1 or np.any(positions < 0) or np.any(positions >= self.past_len):
+            raise InvalidArgumentError(f"cache positions must lie in [0, {self.past_len})")
+        if positions.size == self.past_len and np.array_equal(positions, np.arange(self.past_len)):
+            return
+        self._present = None
+        self._past = self._gather(self._past, positions)
+        self.past_len = int(positions.size)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` committed positions."""
+        self.select(np.arange(length, dtype=np.int64))
+
+    def _gather(self, values: list[ort.OrtValue], index: np.ndarray) -> list[ort.OrtValue]:
+        """Run the KV-gather graph: every layer's (batch, kv_heads, total, head_dim) -> (..., len(index), ...)."""
+        io = self._gather_session.io_binding()
+        for name, value in zip(self.contract.present_output_names, values):
             io.bind_ortvalue_input(name, value)
         io.bind_cpu_input(KEEP, index)
         for name in self.contract.past_input_names:
             io.bind_output(name, self.placement.device, 0)
         start = time.perf_counter()
-        self._gather.run_with_iobinding(io)
-        self._past = io.get_outputs()
+        self._gather_session.run_with_iobinding(io)
+        outputs = io.get_outputs()
         self.seconds += time.perf_counter() - start
-        self.past_len = int(index.size)
-        self._present = None
+        return outputs
 
     def cache_arrays(self) -> list[np.ndarray]:
         """Copy the committed cache to the host (for tests and debugging; never used while decoding)."""
