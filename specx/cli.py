@@ -94,6 +94,8 @@ def run(
     mode: Mode = typer.Option(Mode.auto, help="Decoding mode (auto picks the best the bundle supports)."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end-of-sequence token."),
+    tree_budget: Optional[int] = typer.Option(None, help="Speculative: draft tokens the target verifies per step."),
+    tree_depth: Optional[int] = typer.Option(None, help="Speculative: tree depth = draft calls per step."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text from a bundle, streaming it as it is decided."""
@@ -103,7 +105,8 @@ def run(
 
         generator = Generator.load(resolve_bundle_dir(model), provider=provider.value)
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+                                  top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                                  tree_budget=tree_budget, tree_depth=tree_depth)
         for piece in stream:
             if not as_json:
                 sys.stdout.write(piece)
@@ -117,8 +120,9 @@ def run(
         s = result.stats
         sys.stdout.write("\n")
         sys.stdout.flush()
+        tau = f", {s.tokens_per_target_call:.2f} tokens/target call" if s.mode != "autoregressive" else ""
         typer.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, mode {s.mode}, "
-                   f"provider {s.provider}]", err=True)
+                   f"provider {s.provider}{tau}]", err=True)
 
 
 @app.command()

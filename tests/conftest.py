@@ -45,3 +45,21 @@ def llama_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> P
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-llama"
     return export_bundle(ExportRequest(str(llama_dir), draft="none", output=out, dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_same_draft_bundle(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path) -> Path:
+    """The draft is the target itself: every greedy draft token is accepted."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-gpt2-same"
+    return export_bundle(ExportRequest(str(gpt2_dir), draft=str(gpt2_dir), output=out, dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
+def llama_self_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """A draft derived from the target: its first layer, int8 weights."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama-self"
+    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1,int8", output=out, dtype="fp32"))

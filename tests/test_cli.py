@@ -47,13 +47,16 @@ def test_run_json(gpt2_bundle):
     stats = out["stats"]
     for key in ("mode", "provider", "new_tokens", "target_calls", "draft_calls", "seconds", "tokens_per_second"):
         assert key in stats
-    assert stats["new_tokens"] == len(out["tokens"]) == 12 and stats["mode"] == "autoregressive"
+    assert stats["new_tokens"] == len(out["tokens"]) == 12 and stats["mode"] == "speculative"  # the bundle has a draft
+    for key in ("tokens_per_target_call", "accepted_histogram", "draft_seconds", "target_seconds",
+                "overhead_fraction", "weight_bytes_ratio"):
+        assert key in stats
 
 
 def test_run_streams_text_and_summary(gpt2_bundle):
     result = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
                   "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
-    assert "tokens/s" in result.stderr and "mode autoregressive" in result.stderr and "provider cpu" in result.stderr
+    assert "tokens/s" in result.stderr and "mode speculative" in result.stderr and "provider cpu" in result.stderr
     again = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
                  "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
     assert result.stdout == again.stdout
@@ -128,6 +131,20 @@ def test_empty_prompt(gpt2_bundle):
                                               ("--max-new-tokens", "100000", "context")])
 def test_invalid_sampling_and_length(gpt2_bundle, flag, value, match):
     _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", flag, value], match)
+
+
+def test_run_tree_options(gpt2_bundle):
+    out = json.loads(_ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "12",
+                          "--mode", "speculative", "--tree-budget", "3", "--tree-depth", "3", "--json"]).stdout)
+    assert out["stats"]["tree_budget"] == 3 and out["stats"]["tree_depth"] == 3
+    ar = json.loads(_ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "12",
+                         "--mode", "autoregressive", "--json"]).stdout)
+    assert ar["tokens"] == out["tokens"]
+
+
+def test_bad_tree_shape(gpt2_bundle):
+    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--tree-budget", "2", "--tree-depth", "4"],
+                "budget")
 
 
 def test_mode_not_implemented(gpt2_bundle):

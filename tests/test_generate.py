@@ -25,7 +25,7 @@ def test_greedy_equals_transformers_generate(pair, prompt):
     ids = AutoTokenizer.from_pretrained(hf_dir)(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=48, min_new_tokens=48, do_sample=False)[0, ids.shape[1]:].tolist()
-    result = gen.generate(prompt, max_new_tokens=48, ignore_eos=True)
+    result = gen.generate(prompt, max_new_tokens=48, ignore_eos=True, mode="autoregressive")
     assert result.tokens == ref
     assert len(set(ref)) > 3  # the model is not degenerate: the comparison means something
     assert result.stats.new_tokens == 48 and result.stats.target_calls == 48
@@ -104,8 +104,15 @@ def test_bad_arguments_fail_before_any_work(pair, kwargs, match):
     assert gen.target.calls == calls
 
 
-@pytest.mark.parametrize("mode", ["speculative", "staged", "ngram"])
+@pytest.mark.parametrize("mode", ["staged", "ngram"])
 def test_unimplemented_modes_are_clear_errors(pair, mode):
     gen, _, _ = pair
     with pytest.raises(NotImplementedModeError, match="autoregressive"):
         gen.generate("one", mode=mode)
+
+
+def test_speculative_needs_a_draft(llama_bundle):
+    gen = Generator.load(llama_bundle, provider="cpu")
+    assert gen.generate("one", max_new_tokens=2).stats.mode == "autoregressive"  # auto without a draft
+    with pytest.raises(InvalidArgumentError, match="draft"):
+        gen.generate("one", mode="speculative")

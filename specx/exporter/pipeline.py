@@ -19,10 +19,14 @@ import torch
 import specx
 from specx.errors import ExportError, InvalidArgumentError
 from specx.exporter.adapters import ArchitectureAdapter, adapter_for
+from specx.exporter.derived import PREFIX as DERIVED_PREFIX
+from specx.exporter.derived import DerivedDraft, truncate_layers
 from specx.exporter.onnx_export import DEFAULT_OPSET, export_decoder, gather_path
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
-from specx.graphs.passes import weight_bytes
+from specx.graphs.helpers import write_kv_gather
+from specx.graphs.passes import embed_contract_in_file, weight_bytes
+from specx.graphs.quantize import quantize_decoder
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, TokenizerEntry
 
@@ -64,8 +68,6 @@ def resolve_draft(draft: str | None, adapter: ArchitectureAdapter) -> str | None
         return adapter.default_draft
     if draft.lower() == NO_DRAFT:
         return None
-    if draft.startswith("self:"):
-        raise InvalidArgumentError(f"derived drafts ({draft}) are not supported by this version; pass a model or 'none'")
     return draft
 
 
@@ -79,8 +81,9 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
         target = load_source(request.source, dtype)
     target_adapter = adapter_for(target.model.config)
     draft_source = resolve_draft(request.draft, target_adapter)
+    derived = DerivedDraft.parse(draft_source) if draft_source and draft_source.startswith(DERIVED_PREFIX) else None
     draft = None
-    if draft_source is not None:
+    if draft_source is not None and derived is None:
         with progress(f"loading draft {draft_source}"):
             draft = load_source(draft_source, dtype)
         check_draft_compatible(target, draft)
@@ -95,6 +98,8 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
         if draft is not None:
             draft_entry = _export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
                                         request.opset, progress)
+        elif derived is not None:
+            draft_entry = _export_derived(derived, target, target_entry, staging, dtype, request.opset, progress)
         manifest = Manifest(
             name=output.name,
             dtype=dtype,
@@ -126,8 +131,8 @@ def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
 
 
 def _export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
-                  opset: int, progress: Progress) -> ModelEntry:
-    path = staging / f"{role}.onnx"
+                  opset: int, progress: Progress, stem: str | None = None) -> ModelEntry:
+    path = staging / f"{stem or role}.onnx"
     kv_dtype = "float16" if dtype == "fp16" else "float32"
     with progress(f"exporting {role} {loaded.source} to ONNX"):
         contract = export_decoder(adapter, loaded.model, path, kv_dtype, opset)
@@ -143,6 +148,33 @@ def _export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, 
         weight_bytes=weight_bytes(path),
         parity=parity.to_dict(),
     )
+
+
+def _export_derived(derived: DerivedDraft, target: LoadedModel, target_entry: ModelEntry, staging: Path, dtype: str,
+                    opset: int, progress: Progress) -> ModelEntry:
+    """A draft made from the target: a shallow copy (torch) and/or a weight-quantized copy (ONNX graph)."""
+    reference, entry = target, target_entry
+    if derived.layers is not None:
+        reference = LoadedModel(derived.spec, truncate_layers(target.model, derived.layers), target.tokenizer)
+        stem = "draft" if derived.bits is None else "draft.unquantized"
+        entry = _export_model("draft", reference, adapter_for(reference.model.config), staging, dtype, opset,
+                              progress, stem=stem)
+    if derived.bits is not None:
+        src, path = staging / entry.graph, staging / "draft.onnx"
+        with progress(f"quantizing the draft ({derived.spec})"):
+            quantize_decoder(src, path, derived.bits)
+            embed_contract_in_file(path, entry.contract)
+            write_kv_gather(entry.contract, opset, gather_path(path))
+        if derived.layers is not None:  # the unquantized shallow copy was only a step
+            for leftover in staging.glob("draft.unquantized*"):
+                leftover.unlink()
+        with progress(f"measuring the {derived.spec} draft against PyTorch"):
+            parity = validate_decoder(adapter_for(reference.model.config), reference.model, entry.contract, path,
+                                      dtype, enforce=False)
+        entry = ModelEntry("draft", derived.spec, path.name, gather_path(path).name, entry.architecture,
+                           entry.contract, weight_bytes(path), parity.to_dict())
+    return ModelEntry("draft", derived.spec, entry.graph, entry.kv_gather, entry.architecture, entry.contract,
+                      entry.weight_bytes, entry.parity, derived_from=derived.spec)
 
 
 def _write_tokenizer(loaded: LoadedModel, staging: Path) -> TokenizerEntry:

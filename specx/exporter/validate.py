@@ -53,7 +53,9 @@ def torch_tree_pass(wrapper: TreeDecoder, contract: GraphContract, prefix: np.nd
 
 
 def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contract: GraphContract, path: Path,
-                     dtype: str, seed: int = 0) -> Parity:
+                     dtype: str, seed: int = 0, enforce: bool = True) -> Parity:
+    """Max |ORT - torch| logit difference on a random tree; above tolerance is an ExportError when ``enforce``
+    (quantized drafts are measured, not held to the tolerance)."""
     rng = np.random.default_rng(seed)
     prefix = rng.integers(0, contract.vocab_size, VALIDATION_PAST).astype(np.int64)
     tree = random_tree(VALIDATION_TREE_NODES, rng)
@@ -69,7 +71,7 @@ def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contr
     logits = session.run(["logits"], feeds)[0]
     diff = float(np.max(np.abs(logits.astype(np.float64) - reference)))
     tolerance = TOLERANCE[dtype] * max(1.0, float(np.max(np.abs(reference))))
-    if not diff <= tolerance:  # also catches NaN
+    if enforce and not diff <= tolerance:  # also catches NaN
         raise ExportError(
             f"{path.name}: ONNX logits differ from PyTorch by {diff:.3g} (tolerance {tolerance:.3g}); "
             "the export is wrong for this model, please report it"

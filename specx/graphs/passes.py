@@ -43,6 +43,12 @@ def finalize(path: Path, contract: GraphContract) -> None:
     name_dims(list(model.graph.input), contract.inputs)
     name_dims(list(model.graph.output), contract.outputs)
     embed_contract(model, contract)
+    onnx.save(model, str(path))  # the proto only: initializers keep pointing at the external data file
+
+
+def embed_contract_in_file(path: Path, contract: GraphContract) -> None:
+    model = onnx.load(str(path), load_external_data=False)
+    embed_contract(model, contract)
     onnx.save(model, str(path))
 
 

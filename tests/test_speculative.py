@@ -1,0 +1,172 @@
+"""Tree speculative decoding is lossless: greedy equals plain greedy, sampling follows the model's distribution."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from specx.errors import InvalidArgumentError
+from specx.runtime import Generator
+from specx.runtime.decoding import feed
+from specx.runtime.drafting import TreeShape, grow_tree
+from specx.runtime.sampling import SamplingConfig, target_distribution
+
+PROMPTS = ["def f12(x):", "the quick brown fox", "one two three", "print"]
+SHAPES = [(1, 1), (3, 3), (6, 3), (8, 4), (12, 2)]  # (budget, depth); budget == depth is a chain
+BUNDLES = ["gpt2_bundle", "llama_self_bundle", "gpt2_same_draft_bundle"]
+
+
+@pytest.fixture(scope="module")
+def generators(request):
+    return {name: Generator.load(request.getfixturevalue(name), provider="cpu") for name in BUNDLES}
+
+
+@pytest.mark.parametrize("bundle,prompt,shape", list(itertools.product(BUNDLES, PROMPTS, SHAPES)))
+def test_greedy_equals_autoregressive(generators, bundle, prompt, shape):
+    gen = generators[bundle]
+    ar = gen.generate(prompt, max_new_tokens=40, ignore_eos=True, mode="autoregressive")
+    sp = gen.generate(prompt, max_new_tokens=40, ignore_eos=True, mode="speculative", tree_budget=shape[0],
+                      tree_depth=shape[1])
+    assert sp.tokens == ar.tokens
+    s = sp.stats
+    assert s.mode == "speculative" and s.new_tokens == 40
+    prefill_calls = 1 if s.prompt_tokens > 1 else 0  # the prompt minus its last token (the first tree's root)
+    assert sum(s.accepted_histogram) == s.target_calls - prefill_calls  # every other call verified a tree
+    assert s.draft_calls >= shape[1]
+    assert s.tokens_per_target_call >= 1.0
+
+
+def test_the_disagreeing_draft_really_disagrees(generators):
+    s = generators["gpt2_bundle"].generate("one two three", max_new_tokens=60, ignore_eos=True,
+                                           tree_budget=4, tree_depth=4).stats
+    assert s.accepted_histogram[0] > 0 and s.tokens_per_target_call < 4.0
+
+
+@pytest.mark.parametrize("budget,depth", [(2, 2), (3, 3), (5, 5)])
+def test_identical_draft_reaches_depth_plus_one(generators, budget, depth):
+    gen = generators["gpt2_same_draft_bundle"]
+    steps = 6
+    s = gen.generate("one two", max_new_tokens=steps * (depth + 1), ignore_eos=True, mode="speculative",
+                     tree_budget=budget, tree_depth=depth).stats
+    assert s.tokens_per_target_call == depth + 1
+    assert s.accepted_histogram == [0] * depth + [steps]
+
+
+@pytest.mark.parametrize("budget,depth", [(6, 2), (12, 4)])
+def test_identical_draft_tree_always_accepts_the_best_child(generators, budget, depth):
+    """Best-first trees keep the draft's argmax child of the root, which an identical target always accepts.
+
+    (Deeper acceptance depends on the draft's confidence: these random models are flat, so best-first prefers width.)
+    """
+    gen = generators["gpt2_same_draft_bundle"]
+    s = gen.generate("one two", max_new_tokens=40, ignore_eos=True, tree_budget=budget, tree_depth=depth).stats
+    assert s.accepted_histogram[0] == 0 and s.tokens_per_target_call >= 2
+
+
+def test_weight_bytes_ratio(generators):
+    gen = generators["gpt2_same_draft_bundle"]
+    s = gen.generate("one two", max_new_tokens=20, ignore_eos=True, tree_budget=4, tree_depth=4).stats
+    w = gen.bundle.manifest.target.weight_bytes
+    expected = (s.target_calls * w + s.draft_calls * gen.bundle.manifest.draft.weight_bytes) / (s.new_tokens * w)
+    assert s.weight_bytes_ratio == pytest.approx(expected)
+    ar = gen.generate("one two", max_new_tokens=20, ignore_eos=True, mode="autoregressive").stats
+    assert ar.weight_bytes_ratio == pytest.approx(1.0)
+
+
+def test_draft_calls_per_step_equal_depth(generators):
+    gen = generators["gpt2_bundle"]
+    s = gen.generate("one two", max_new_tokens=30, ignore_eos=True, tree_budget=9, tree_depth=3).stats
+    steps = sum(s.accepted_histogram)
+    # one draft call per level; in the last steps the tree is cut to the tokens still wanted, never deeper
+    assert (steps - 3) * 3 <= s.draft_calls <= steps * 3
+
+
+def test_sampling_same_seed_same_tokens(generators):
+    gen = generators["gpt2_bundle"]
+    for kwargs in (dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.8)):
+        ar = gen.generate("one two", max_new_tokens=30, ignore_eos=True, mode="autoregressive", seed=9, **kwargs)
+        sp = gen.generate("one two", max_new_tokens=30, ignore_eos=True, mode="speculative", seed=9, **kwargs)
+        assert sp.tokens == ar.tokens
+
+
+def _exact_first_two(gen: Generator, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Exact marginals of the first and second sampled tokens, from the target graph."""
+    target = gen.target
+    target.reset()
+    p1 = target_distribution(feed(target, np.asarray(prompt_ids, dtype=np.int64)), sampling)
+    p2 = np.zeros_like(p1)
+    for token in np.flatnonzero(p1 > 0):
+        target.reset()
+        logits = feed(target, np.asarray(prompt_ids + [int(token)], dtype=np.int64))
+        p2 += p1[token] * target_distribution(logits, sampling)
+    return p1, p2
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(temperature=1.0,
+                                                                                                  top_p=0.7)])
+def test_sampling_matches_the_model_distribution(generators, kwargs):
+    """Monte Carlo over seeds: the first two speculative tokens follow the exact distribution of plain sampling."""
+    gen = generators["gpt2_bundle"]
+    n = 1500
+    prompt = gen.bundle.tokenizer.encode("one two").ids
+    p1, p2 = _exact_first_two(gen, prompt, SamplingConfig(**kwargs))
+    firsts, seconds = np.zeros_like(p1), np.zeros_like(p2)
+    for seed in range(n):
+        tokens = gen.generate(prompt, max_new_tokens=2, ignore_eos=True, mode="speculative", tree_budget=6,
+                              tree_depth=3, seed=10_000 + seed, **kwargs).tokens
+        firsts[tokens[0]] += 1
+        seconds[tokens[1]] += 1
+    for exact, counts in ((p1, firsts), (p2, seconds)):
+        tv = 0.5 * np.abs(counts / n - exact).sum()
+        # E[TV] <= 1/2 sum sqrt(p(1-p)/n); McDiarmid adds sqrt(2 ln(1/delta) / n) at confidence 1 - delta (1e-3).
+        bound = 0.5 * np.sqrt(exact * (1 - exact) / n).sum() + np.sqrt(2 * np.log(1e3) / n)
+        assert tv < bound, (tv, bound)
+
+
+def test_cache_after_speculation_equals_plain_decoding(generators):
+    gen = generators["llama_self_bundle"]
+    prompt = gen.bundle.tokenizer.encode("one two three").ids
+    result = gen.generate(prompt, max_new_tokens=50, ignore_eos=True, tree_budget=8, tree_depth=4,
+                          temperature=1.0, seed=3)
+    assert result.stats.accepted_histogram[0] > 0  # there were rejections
+    sequence = np.asarray(prompt + result.tokens, dtype=np.int64)
+    for session in (gen.target, gen.draft):
+        length = min(session.past_len, sequence.size)
+        ours = [a[:, :, :length] for a in session.cache_arrays()]
+        session.reset()
+        feed(session, sequence[:length])
+        for a, b in zip(ours, session.cache_arrays()):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_tree_growth_calls_draft_once_per_level(generators):
+    gen = generators["gpt2_bundle"]
+    draft = gen.draft
+    draft.reset()
+    draft.reset_counters()
+    drafted = grow_tree(draft, np.asarray(gen.bundle.tokenizer.encode("one two").ids, dtype=np.int64),
+                        TreeShape(budget=10, depth=4))
+    assert draft.calls == 4
+    assert drafted.tree.size == 11 and int(drafted.tree.depth.max()) <= 4
+    # children come from the draft's top choices: the root's first child is the draft's argmax
+    assert drafted.tokens[1] == int(np.argmax(feed_logits(gen, "one two")))
+
+
+def feed_logits(gen: Generator, text: str) -> np.ndarray:
+    gen.draft.reset()
+    return feed(gen.draft, np.asarray(gen.bundle.tokenizer.encode(text).ids, dtype=np.int64))
+
+
+@pytest.mark.parametrize("budget,depth", [(2, 3), (0, 0), (4, 0)])
+def test_invalid_tree_shapes(generators, budget, depth):
+    with pytest.raises(InvalidArgumentError):
+        generators["gpt2_bundle"].generate("one", tree_budget=budget, tree_depth=depth)
+
+
+def test_derived_draft_is_recorded(llama_self_bundle):
+    manifest = json.loads((llama_self_bundle / "manifest.json").read_text())
+    assert manifest["draft"]["derived_from"] == "self:layers=1,int8"
+    assert manifest["draft"]["weight_bytes"] < manifest["target"]["weight_bytes"]
