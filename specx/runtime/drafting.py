@@ -1,22 +1,28 @@
-"""Growing a token tree with the draft model, best-first, one draft call per tree level.
+"""Growing a token tree with the draft model, best-first, at most one draft call per tree level.
 
-The value of a node is the product of draft probabilities along its path (EAGLE-2). Each level, every frontier node
-proposes its ``width`` most likely children; the ``width`` best new nodes become the next frontier and are run through
-the draft together (one call, tree mask). At the end the ``budget`` best nodes overall form the tree the target
-verifies: a child's value never exceeds its parent's, so the kept nodes are always a connected tree::
+The value of a node is the product of draft probabilities along its path (EAGLE-2). Once the draft has run on a node
+(the node is *processed*), the node's ``width`` most likely tokens become its children. Each draft call processes the
+``width`` best unprocessed nodes (the frontier) together, under a tree mask. At the end the ``budget`` best nodes
+overall form the tree the target verifies; a child's value never exceeds its parent's, so they form a connected tree::
 
-    level 0   draft(pending tokens ... root)            -> children of the root
-    level 1   draft(frontier of depth 1, tree mask)     -> children of those
-    ...                                                    (depth draft calls in all)
-    keep the `budget` best nodes by value, in creation order (parents first)
+    call 0   draft(pending tokens ... root)                 root processed -> its children
+    call 1   draft(frontier, tree mask)                     frontier processed -> their children
+    ...      (at most `depth` calls; fewer when stage 2 covers several levels per call)
+    keep the `budget` best nodes by value, parents before children
 
-The draft's cache holds the committed tokens plus the frontier nodes it has processed; ``DraftTree.slots`` says where,
-so that after acceptance the accepted path can be kept and the rest dropped.
+Stage 2 (staged decoding): a cheap proposer (the n-gram model) suggests a continuation chain below each frontier
+node, and the draft runs the chains in the same call. A chain token that the draft itself would have made a child
+(it is among the parent's top ``width``) is a node processed for free, so one call covers several levels. Only the
+draft's choices enter the tree; the target's acceptance is unchanged, hence lossless.
+
+The draft's cache holds the committed tokens, then everything the draft ran this step (processed nodes and rejected
+chain tokens); ``DraftTree.slots`` says where the kept nodes are, so the accepted path can be kept after acceptance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,11 +30,14 @@ from specx.errors import InvalidArgumentError
 from specx.runtime.session import DecoderSession
 from specx.runtime.tree import Tree, build_tree, chain
 
+# proposer(context tokens, length) -> up to `length` proposed continuation tokens
+Proposer = Callable[[Sequence[int], int], Sequence[int]]
+
 
 @dataclass(frozen=True)
 class TreeShape:
     budget: int  # non-root nodes the target verifies per step
-    depth: int  # levels below the root = draft calls per step
+    depth: int  # maximum depth below the root = maximum draft calls per step
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -38,7 +47,7 @@ class TreeShape:
 
     @property
     def width(self) -> int:
-        """Frontier size and children per frontier node: budget == depth gives a chain."""
+        """Frontier size and children per processed node: budget == depth gives a chain."""
         return -(-self.budget // self.depth)
 
     def limited(self, depth: int) -> "TreeShape":
@@ -53,6 +62,63 @@ class DraftTree:
     slots: dict[int, int]  # node -> absolute position in the draft cache, for nodes the draft processed
 
 
+@dataclass
+class StageTwoLog:
+    proposed: int = 0  # tokens the proposer suggested
+    accepted: int = 0  # of those, tokens the draft kept (nodes processed without a call of their own)
+
+
+@dataclass
+class _Growth:
+    """Mutable state of one tree's growth; nodes are appended in creation order (parents first)."""
+
+    shape: TreeShape
+    root_pos: int
+    committed: int  # draft cache positions [0, committed) hold the committed tokens
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    slots: dict[int, int] = field(default_factory=dict)  # processed node -> draft cache position
+    children: dict[int, dict[int, int]] = field(default_factory=dict)  # processed node -> {token: child}
+
+    def add(self, token: int, parent: int, value: float) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(0 if parent < 0 else self.depths[parent] + 1)
+        self.values.append(value)
+        return len(self.tokens) - 1
+
+    def process(self, node: int, slot: int, logits: np.ndarray) -> None:
+        """The draft ran on ``node``: record where, and create its children from its top tokens."""
+        self.slots[node] = slot
+        self.children[node] = {}
+        if self.depths[node] >= self.shape.depth:
+            return
+        probs = _softmax(logits.astype(np.float64))
+        for token in _top(probs, self.shape.width):
+            self.children[node][int(token)] = self.add(int(token), node, self.values[node] * float(probs[token]))
+
+    def path_tokens(self, node: int) -> list[int]:
+        out = []
+        while node > 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+    def ancestor_slots(self, node: int) -> list[int]:
+        out = []
+        node = self.parents[node]
+        while node > 0:
+            out.append(self.slots[node])
+            node = self.parents[node]
+        return out
+
+    def frontier(self) -> list[int]:
+        open_nodes = [n for n in range(1, len(self.tokens)) if n not in self.slots and self.depths[n] < self.shape.depth]
+        return sorted(open_nodes, key=lambda n: (-self.values[n], n))[: self.shape.width]
+
+
 def _top(probs: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest probabilities, largest first."""
     k = min(k, probs.size)
@@ -60,61 +126,88 @@ def _top(probs: np.ndarray, k: int) -> np.ndarray:
     return idx[np.argsort(-probs[idx], kind="stable")]
 
 
-def _softmax_rows(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
 
 
-def grow_tree(draft: DecoderSession, pending: np.ndarray, shape: TreeShape) -> DraftTree:
-    """Build the step's token tree. ``pending`` = committed tokens the draft has not seen yet, ending with the root."""
-    root_pos = draft.past_len + pending.size - 1  # absolute position of the root
+def grow_tree(draft: DecoderSession, pending: np.ndarray, shape: TreeShape, proposer: Proposer | None = None,
+              context: Sequence[int] = (), stage_two: StageTwoLog | None = None) -> DraftTree:
+    """Build the step's token tree.
+
+    ``pending`` = committed tokens the draft has not seen yet, ending with the root; ``context`` = all committed
+    tokens (what the proposer conditions on). With a ``proposer``, the draft checks proposed chains (stage 2).
+    """
+    root_pos = draft.past_len + pending.size - 1
     run = chain(pending.size)
     logits = draft.forward(pending[None], run.positions(draft.past_len), run.attention_mask(draft.past_len))
     draft.commit()
-    committed = draft.past_len  # the draft cache now holds every committed token, root included
-
-    tokens, parents, depths, values = [int(pending[-1])], [-1], [0], [1.0]
-    slots = {0: root_pos}
-    frontier, frontier_logits = [0], logits[0, -1:]  # (frontier, vocab)
-    for level in range(1, shape.depth + 1):
-        probs = _softmax_rows(frontier_logits.astype(np.float64))
-        created = []
-        for row, node in enumerate(frontier):
-            for token in _top(probs[row], shape.width):
-                tokens.append(int(token))
-                parents.append(node)
-                depths.append(level)
-                values.append(values[node] * float(probs[row, token]))
-                created.append(len(tokens) - 1)
-        if level == shape.depth:
+    growth = _Growth(shape, root_pos, committed=draft.past_len)
+    growth.add(int(pending[-1]), -1, 1.0)
+    growth.process(0, root_pos, logits[0, -1])
+    for _ in range(1, shape.depth):
+        frontier = growth.frontier()
+        if not frontier:
             break
-        frontier = sorted(created, key=lambda n: -values[n])[: shape.width]
-        frontier_logits = _draft_level(draft, frontier, tokens, parents, depths, slots, root_pos, committed)
+        chains = _propose(growth, frontier, proposer, context, stage_two)
+        _draft_call(draft, growth, frontier, chains, stage_two)
+    return _select(growth)
 
-    keep = sorted(sorted(range(1, len(tokens)), key=lambda n: (-values[n], n))[: shape.budget])
+
+def _propose(growth: _Growth, frontier: list[int], proposer: Proposer | None, context: Sequence[int],
+             log: StageTwoLog | None) -> list[list[int]]:
+    if proposer is None:
+        return [[] for _ in frontier]
+    chains = []
+    for node in frontier:
+        room = growth.shape.depth - growth.depths[node] - 1  # levels below the node that the tree may still use
+        proposal = list(proposer([*context, *growth.path_tokens(node)], room))[:room] if room > 0 else []
+        chains.append(proposal)
+        if log is not None:
+            log.proposed += len(proposal)
+    return chains
+
+
+def _draft_call(draft: DecoderSession, growth: _Growth, frontier: list[int], chains: list[list[int]],
+                log: StageTwoLog | None) -> None:
+    """One draft call over the frontier nodes and the chains proposed below them."""
+    past = draft.past_len
+    tokens: list[int] = []
+    positions: list[int] = []
+    visible: list[list[int]] = []  # per row: cache or in-pass positions it attends to, besides the committed ones
+    for node, proposal in zip(frontier, chains):
+        seen = growth.ancestor_slots(node)
+        for offset, token in enumerate([growth.tokens[node], *proposal]):
+            seen = seen + [past + len(tokens)]  # itself, then visible to the chain tokens after it
+            tokens.append(int(token))
+            positions.append(growth.root_pos + growth.depths[node] + offset)
+            visible.append(seen)
+    mask = np.zeros((1, 1, len(tokens), past + len(tokens)), dtype=bool)  # (1, 1, rows, past + rows)
+    mask[0, 0, :, : growth.committed] = True
+    for row, seen in enumerate(visible):
+        mask[0, 0, row, seen] = True
+    logits = draft.forward(np.asarray([tokens], dtype=np.int64), np.asarray([positions], dtype=np.int64), mask)
+    draft.commit()
+    row = 0
+    for node, proposal in zip(frontier, chains):
+        growth.process(node, past + row, logits[0, row])
+        current = node
+        for offset, token in enumerate(proposal, start=1):
+            child = growth.children[current].get(int(token))
+            if child is None:  # not a token the draft would choose: the rest of the chain is wasted
+                break
+            growth.process(child, past + row + offset, logits[0, row + offset])
+            if log is not None:
+                log.accepted += 1
+            current = child
+        row += 1 + len(proposal)
+
+
+def _select(growth: _Growth) -> DraftTree:
+    n = len(growth.tokens)
+    keep = sorted(sorted(range(1, n), key=lambda i: (-growth.values[i], i))[: growth.shape.budget])
     order = [0] + keep  # creation order: parents before children
     index = {old: new for new, old in enumerate(order)}
-    tree = build_tree([-1] + [index[parents[n]] for n in keep])
-    new_slots = {index[n]: pos for n, pos in slots.items() if n in index}
-    return DraftTree(np.asarray([tokens[n] for n in order], dtype=np.int64), tree, new_slots)
-
-
-def _draft_level(draft: DecoderSession, frontier: list[int], tokens: list[int], parents: list[int],
-                 depths: list[int], slots: dict[int, int], root_pos: int, committed: int) -> np.ndarray:
-    """One draft call over a frontier; its nodes see the committed cache, their processed ancestors and themselves."""
-    past, k = draft.past_len, len(frontier)
-    mask = np.zeros((1, 1, k, past + k), dtype=bool)  # (1, 1, frontier, past + frontier)
-    mask[0, 0, :, :committed] = True
-    for row, node in enumerate(frontier):
-        ancestor = parents[node]
-        while ancestor > 0:
-            mask[0, 0, row, slots[ancestor]] = True
-            ancestor = parents[ancestor]
-        mask[0, 0, row, past + row] = True
-    positions = np.asarray([[root_pos + depths[n] for n in frontier]], dtype=np.int64)
-    logits = draft.forward(np.asarray([[tokens[n] for n in frontier]], dtype=np.int64), positions, mask)
-    draft.commit()
-    for row, node in enumerate(frontier):
-        slots[node] = past + row
-    return logits[0]  # (frontier, vocab)
+    tree = build_tree([-1] + [index[growth.parents[i]] for i in keep])
+    slots = {index[i]: pos for i, pos in growth.slots.items() if i in index}
+    return DraftTree(np.asarray([growth.tokens[i] for i in order], dtype=np.int64), tree, slots)
