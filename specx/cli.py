@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import typer
 
 from specx.errors import SpecxError
+from specx.runtime.ngram import DEFAULT_SAMPLE_TOKENS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export Hugging Face models to ONNX bundles and run speculative decoding on ONNX Runtime.")
@@ -61,6 +62,9 @@ def export(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle directory. Default: $SPECX_HOME/<name>."),
     dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks)."),
     opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
+    ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for the "
+                                                  "n-gram table; 0 for none."),
+    ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
 ) -> None:
     """Export a target model (and its draft) into one bundle: graphs, tokenizer, manifest."""
     with _user_errors():
@@ -78,7 +82,8 @@ def export(
                 yield
             console.print(f"[green]done[/green] {step}")
 
-        path = export_bundle(ExportRequest(source, draft, output, dtype.value, opset), progress)
+        request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()))
+        path = export_bundle(request, progress)
         typer.echo(str(path))
 
 

@@ -31,7 +31,3 @@ class SourceError(SpecxError):
 
 class ExportError(SpecxError):
     """Export or its validation failed."""
-
-
-class NotImplementedModeError(SpecxError):
-    """A decoding mode that this version does not implement yet."""

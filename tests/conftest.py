@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 
 from tests import tiny_models  # noqa: E402
 
+NGRAM_TOKENS = 2048  # a small n-gram table sampled from the draft: enough to exercise staged decoding
+
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -36,7 +38,8 @@ def gpt2_bundle(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path, gpt2_d
     from specx.exporter.pipeline import ExportRequest, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-gpt2"
-    return export_bundle(ExportRequest(str(gpt2_dir), draft=str(gpt2_draft_dir), output=out, dtype="fp32"))
+    return export_bundle(ExportRequest(str(gpt2_dir), draft=str(gpt2_draft_dir), output=out, dtype="fp32",
+                                      ngram_tokens=NGRAM_TOKENS))
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +47,7 @@ def llama_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> P
     from specx.exporter.pipeline import ExportRequest, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-llama"
-    return export_bundle(ExportRequest(str(llama_dir), draft="none", output=out, dtype="fp32"))
+    return export_bundle(ExportRequest(str(llama_dir), draft="none", output=out, dtype="fp32", ngram_tokens=0))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +56,7 @@ def gpt2_same_draft_bundle(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: P
     from specx.exporter.pipeline import ExportRequest, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-gpt2-same"
-    return export_bundle(ExportRequest(str(gpt2_dir), draft=str(gpt2_dir), output=out, dtype="fp32"))
+    return export_bundle(ExportRequest(str(gpt2_dir), draft=str(gpt2_dir), output=out, dtype="fp32", ngram_tokens=0))
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +65,15 @@ def llama_self_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path)
     from specx.exporter.pipeline import ExportRequest, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-llama-self"
-    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1,int8", output=out, dtype="fp32"))
+    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1,int8", output=out, dtype="fp32",
+                                      ngram_tokens=NGRAM_TOKENS))
+
+
+@pytest.fixture(scope="session")
+def repeater_bundle(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """A degenerate model that repeats itself (narrow init), its own draft, and a small n-gram table."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    src = tiny_models.save_gpt2(models_dir / "tiny-gpt2-repeater", n_layer=1, seed=2, init_range=0.02)
+    out = tmp_path_factory.mktemp("bundles") / "tiny-repeater"
+    return export_bundle(ExportRequest(str(src), draft=str(src), output=out, dtype="fp32", ngram_tokens=1024))

@@ -47,7 +47,7 @@ def test_run_json(gpt2_bundle):
     stats = out["stats"]
     for key in ("mode", "provider", "new_tokens", "target_calls", "draft_calls", "seconds", "tokens_per_second"):
         assert key in stats
-    assert stats["new_tokens"] == len(out["tokens"]) == 12 and stats["mode"] == "speculative"  # the bundle has a draft
+    assert stats["new_tokens"] == len(out["tokens"]) == 12 and stats["mode"] == "staged"  # draft + n-gram table
     for key in ("tokens_per_target_call", "accepted_histogram", "draft_seconds", "target_seconds",
                 "overhead_fraction", "weight_bytes_ratio"):
         assert key in stats
@@ -56,7 +56,7 @@ def test_run_json(gpt2_bundle):
 def test_run_streams_text_and_summary(gpt2_bundle):
     result = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
                   "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
-    assert "tokens/s" in result.stderr and "mode speculative" in result.stderr and "provider cpu" in result.stderr
+    assert "tokens/s" in result.stderr and "mode staged" in result.stderr and "provider cpu" in result.stderr
     again = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
                  "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
     assert result.stdout == again.stdout
@@ -70,14 +70,15 @@ def test_info(gpt2_bundle):
 def test_export_cli_to_specx_home_and_run_by_name(tmp_path, monkeypatch, models_dir):
     monkeypatch.setenv("SPECX_HOME", str(tmp_path / "home"))
     src = tiny_models.save_llama(models_dir / "tiny-llama-tied", tied=True, layers=1, seed=3)
-    _ok(["export", str(src), "--draft", "none", "--dtype", "fp32"])
+    _ok(["export", str(src), "--draft", "none", "--dtype", "fp32", "--ngram-tokens", "256"])
     bundle = tmp_path / "home" / "tiny-llama-tied"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["target"]["architecture"]["tied_embeddings"] is True and manifest["draft"] is None
+    assert manifest["ngram"]["info"]["sampled_tokens"] == 256 and (bundle / "ngram.npz").is_file()
     assert manifest["target"]["parity"]["max_abs_logit_diff"] < manifest["target"]["parity"]["tolerance"]
     out = json.loads(_ok(["run", "--model", "tiny-llama-tied", "--prompt", "one", "--max-new-tokens", "3",
                           "--json"]).stdout)
-    assert out["stats"]["new_tokens"] >= 1
+    assert out["stats"]["new_tokens"] >= 1 and out["stats"]["mode"] == "ngram"  # no draft, an n-gram table
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
@@ -147,8 +148,8 @@ def test_bad_tree_shape(gpt2_bundle):
                 "budget")
 
 
-def test_mode_not_implemented(gpt2_bundle):
-    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--mode", "staged"], "not implemented")
+def test_mode_needs_a_draft(llama_bundle):
+    _user_error(["run", "--model", str(llama_bundle), "--prompt", "hi", "--mode", "staged"], "draft")
 
 
 def test_unavailable_provider(gpt2_bundle):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specx.errors import InvalidArgumentError, NotImplementedModeError
+from specx.errors import InvalidArgumentError
 from specx.runtime import Generator
 
 PROMPTS = ["def f12(x):", "the quick brown fox", "print list dict value", "one two three"]
@@ -104,15 +104,9 @@ def test_bad_arguments_fail_before_any_work(pair, kwargs, match):
     assert gen.target.calls == calls
 
 
-@pytest.mark.parametrize("mode", ["staged", "ngram"])
-def test_unimplemented_modes_are_clear_errors(pair, mode):
-    gen, _, _ = pair
-    with pytest.raises(NotImplementedModeError, match="autoregressive"):
-        gen.generate("one", mode=mode)
-
-
-def test_speculative_needs_a_draft(llama_bundle):
+@pytest.mark.parametrize("mode", ["speculative", "staged"])
+def test_draft_modes_need_a_draft(llama_bundle, mode):
     gen = Generator.load(llama_bundle, provider="cpu")
-    assert gen.generate("one", max_new_tokens=2).stats.mode == "autoregressive"  # auto without a draft
+    assert gen.generate("one", max_new_tokens=2).stats.mode == "autoregressive"  # auto: no draft, no n-gram table
     with pytest.raises(InvalidArgumentError, match="draft"):
-        gen.generate("one", mode="speculative")
+        gen.generate("one", mode=mode)

@@ -40,12 +40,13 @@ def train_tokenizer(special: list[str]) -> Tokenizer:
     return tok
 
 
-def save_gpt2(path: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0) -> Path:
+def save_gpt2(path: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0,
+              init_range: float = INIT_RANGE) -> Path:
     tok = train_tokenizer(["<|endoftext|>"])
     eos = tok.token_to_id("<|endoftext|>")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        bos_token_id=eos, eos_token_id=eos, initializer_range=INIT_RANGE)
+                        bos_token_id=eos, eos_token_id=eos, initializer_range=init_range)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(path)

@@ -21,6 +21,7 @@ from specx.errors import ExportError, InvalidArgumentError
 from specx.exporter.adapters import ArchitectureAdapter, adapter_for
 from specx.exporter.derived import PREFIX as DERIVED_PREFIX
 from specx.exporter.derived import DerivedDraft, truncate_layers
+from specx.exporter.ngram_build import DEFAULT_SAMPLE_TOKENS, build_ngram
 from specx.exporter.onnx_export import DEFAULT_OPSET, export_decoder, gather_path
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
@@ -28,10 +29,11 @@ from specx.graphs.helpers import write_kv_gather
 from specx.graphs.passes import embed_contract_in_file, weight_bytes
 from specx.graphs.quantize import quantize_decoder
 from specx.runtime.bundle import bundle_name, specx_home
-from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, TokenizerEntry
+from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, NgramEntry, TokenizerEntry
 
 NO_DRAFT = "none"
 TOKENIZER_FILE = "tokenizer.json"
+NGRAM_FILE = "ngram.npz"
 MIN_OPSET = 18  # torch.onnx's dynamo exporter emits opset 18 and newer
 
 Progress = Callable[[str], ContextManager[None]]
@@ -48,6 +50,8 @@ class ExportRequest:
     output: Path | None = None
     dtype: str = "auto"  # auto | fp32 | fp16
     opset: int = DEFAULT_OPSET
+    ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens sampled from the draft for the n-gram table (0: none)
+    ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -72,6 +76,11 @@ def resolve_draft(draft: str | None, adapter: ArchitectureAdapter) -> str | None
 
 
 def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> Path:
+    if request.ngram_tokens < 0:
+        raise InvalidArgumentError(f"--ngram-tokens must be >= 0, got {request.ngram_tokens}")
+    for path in request.ngram_corpus:
+        if not Path(path).is_file():
+            raise InvalidArgumentError(f"--ngram-corpus file {path} does not exist")
     if request.opset < MIN_OPSET:
         raise InvalidArgumentError(f"--opset must be at least {MIN_OPSET}, got {request.opset}")
     dtype = resolve_dtype(request.dtype)
@@ -100,6 +109,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
                                         request.opset, progress)
         elif derived is not None:
             draft_entry = _export_derived(derived, target, target_entry, staging, dtype, request.opset, progress)
+        ngram = _write_ngram(draft or target, target_entry, request, staging, progress)
         manifest = Manifest(
             name=output.name,
             dtype=dtype,
@@ -108,6 +118,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
             tokenizer=_write_tokenizer(target, staging),
             specx_version=specx.__version__,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            ngram=ngram,
         )
         manifest.write(staging)
         _replace(staging, output)
@@ -175,6 +186,20 @@ def _export_derived(derived: DerivedDraft, target: LoadedModel, target_entry: Mo
                            entry.contract, weight_bytes(path), parity.to_dict())
     return ModelEntry("draft", derived.spec, entry.graph, entry.kv_gather, entry.architecture, entry.contract,
                       entry.weight_bytes, entry.parity, derived_from=derived.spec)
+
+
+def _write_ngram(sampler: LoadedModel, target: ModelEntry, request: ExportRequest, staging: Path,
+                 progress: Progress) -> NgramEntry | None:
+    """The Katz trigram table, from text the draft (or, without a separate draft, the target) samples."""
+    if request.ngram_tokens == 0 and not request.ngram_corpus:
+        return None
+    with progress(f"building the n-gram table ({request.ngram_tokens} tokens sampled from {sampler.source}"
+                  f"{', plus corpus files' if request.ngram_corpus else ''})"):
+        model, info = build_ngram(sampler.model, sampler.tokenizer, target.contract.vocab_size,
+                                  target.architecture.max_positions, request.ngram_tokens,
+                                  [Path(p) for p in request.ngram_corpus])
+        model.save(staging / NGRAM_FILE)
+    return NgramEntry(file=NGRAM_FILE, info={**info, "sampled_from": sampler.source})
 
 
 def _write_tokenizer(loaded: LoadedModel, staging: Path) -> TokenizerEntry:

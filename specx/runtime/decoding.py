@@ -11,7 +11,8 @@ from typing import Iterator
 import numpy as np
 
 from specx.runtime.acceptance import Acceptance, accept
-from specx.runtime.drafting import DraftTree, TreeShape, grow_tree
+from specx.runtime.drafting import DraftTree, StageTwoLog, TreeShape, grow_tree
+from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig, choose_token
 from specx.runtime.session import DecoderSession
 from specx.runtime.tree import chain
@@ -32,6 +33,8 @@ class StepLog:
 
     accepted: list[int] = field(default_factory=list)  # accepted draft tokens per target call
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per target call, root included
+    planned_draft_calls: int = 0  # draft calls tree speculation without stage 2 would make (depth per step)
+    stage_two: StageTwoLog = field(default_factory=StageTwoLog)
 
 
 def feed(session: DecoderSession, tokens: np.ndarray) -> np.ndarray:
@@ -60,12 +63,57 @@ def autoregressive(target: DecoderSession, request: DecodeRequest, rng: np.rando
         logits = feed(target, np.asarray([token], dtype=np.int64))
 
 
-def speculative(target: DecoderSession, draft: DecoderSession, request: DecodeRequest, shape: TreeShape,
+class ModelDrafter:
+    """Drafts with the draft model (tree speculative), optionally sped up by an n-gram proposer (staged)."""
+
+    def __init__(self, draft: DecoderSession, ngram: SessionNgram | None, log: StepLog):
+        self.session = draft
+        self.ngram = ngram
+        self.log = log
+
+    def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """Grow the tree from the last committed token; the draft first catches up on tokens it has not seen."""
+        pending = np.asarray(committed[self.session.past_len:], dtype=np.int64)
+        self.log.planned_draft_calls += shape.depth
+        if self.ngram is None:
+            return grow_tree(self.session, pending, shape)
+        self.ngram.update(committed)
+        return grow_tree(self.session, pending, shape, self.ngram.propose, committed, self.log.stage_two)
+
+    def commit(self, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
+        """Keep the committed tokens and the accepted nodes the draft has processed (a prefix of the path)."""
+        kept = [drafted.slots[n] for n in result.path if n in drafted.slots]
+        self.session.select(np.concatenate([np.arange(committed_len, dtype=np.int64),
+                                            np.asarray(kept, dtype=np.int64)]))
+
+
+class NgramDrafter:
+    """Drafts a chain with the n-gram model alone (no draft model: like prompt lookup decoding)."""
+
+    def __init__(self, ngram: SessionNgram, log: StepLog):
+        self.ngram = ngram
+        self.log = log
+
+    def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        self.ngram.update(committed)
+        proposal = self.ngram.propose(committed, shape.depth)
+        self.log.stage_two.proposed += len(proposal)
+        tokens = np.asarray([committed[-1], *proposal], dtype=np.int64)
+        return DraftTree(tokens, chain(tokens.size), {})
+
+    def commit(self, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
+        self.log.stage_two.accepted += len(result.path)
+
+
+Drafter = ModelDrafter | NgramDrafter
+
+
+def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest, shape: TreeShape,
                 rng: np.random.Generator, log: StepLog) -> Iterator[int]:
     """Tree speculative decoding: draft a tree, verify it in one target pass, accept, commit.
 
-    Invariant between steps: both caches hold the committed tokens except the last one (the root of the next tree);
-    the draft may lag behind by a few tokens, which it catches up on in its first call of the next step.
+    Invariant between steps: the target's cache holds the committed tokens except the last one (the root of the
+    next tree); the draft's may lag behind by a few tokens, which it catches up on in its first call of a step.
     """
     committed = list(request.prompt_ids)
     if len(committed) > 1:
@@ -74,10 +122,11 @@ def speculative(target: DecoderSession, draft: DecoderSession, request: DecodeRe
     while True:
         remaining = request.max_new_tokens - produced
         room = request.max_positions - len(committed)  # positions left after the root's
-        drafted = draft_step(draft, committed, shape.limited(min(remaining - 1, room)))
+        drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room)))
         logits = verify(target, drafted)
         result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng)
-        commit_step(target, draft, drafted, result, len(committed))
+        target.commit([0, *result.path])  # root + accepted nodes, in path order
+        drafter.commit(drafted, result, len(committed))
         log.accepted.append(len(result.path))
         log.tree_sizes.append(drafted.tree.size)
         for token in [*(int(drafted.tokens[n]) for n in result.path), result.next_token]:
@@ -88,12 +137,6 @@ def speculative(target: DecoderSession, draft: DecoderSession, request: DecodeRe
                 return
 
 
-def draft_step(draft: DecoderSession, committed: list[int], shape: TreeShape) -> DraftTree:
-    """Grow the tree from the last committed token; the draft first catches up on tokens it has not seen."""
-    pending = np.asarray(committed[draft.past_len:], dtype=np.int64)
-    return grow_tree(draft, pending, shape)
-
-
 def verify(target: DecoderSession, drafted: DraftTree) -> np.ndarray:
     """ONE target pass over every node: logits (n, vocab)."""
     tree = drafted.tree
@@ -102,11 +145,3 @@ def verify(target: DecoderSession, drafted: DraftTree) -> np.ndarray:
         tree.positions(target.past_len),  # (1, n): committed length - 1 + depth
         tree.attention_mask(target.past_len),  # (1, 1, n, past + n)
     )[0]
-
-
-def commit_step(target: DecoderSession, draft: DecoderSession, drafted: DraftTree, result: Acceptance,
-                committed_len: int) -> None:
-    """Keep the accepted path (root + accepted nodes, in path order) in both caches; drop the rest of the tree."""
-    target.commit([0, *result.path])
-    kept = [drafted.slots[n] for n in result.path if n in drafted.slots]  # processed nodes: a prefix of the path
-    draft.select(np.concatenate([np.arange(committed_len, dtype=np.int64), np.asarray(kept, dtype=np.int64)]))

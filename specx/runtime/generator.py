@@ -18,17 +18,17 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from specx.errors import InvalidArgumentError, NotImplementedModeError
+from specx.errors import InvalidArgumentError
 from specx.runtime.bundle import Bundle
-from specx.runtime.decoding import DecodeRequest, StepLog, autoregressive, speculative
+from specx.runtime.decoding import DecodeRequest, ModelDrafter, NgramDrafter, StepLog, autoregressive, speculative
 from specx.runtime.drafting import TreeShape
+from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, Placement, check_graph, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
-IMPLEMENTED_MODES = ("autoregressive", "speculative")
-# Default tree for --mode speculative, chosen by measurement (docs/benchmarks.md).
+# Default tree, chosen by measurement (docs/benchmarks.md).
 DEFAULT_TREE_BUDGET = 8
 DEFAULT_TREE_DEPTH = 4
 
@@ -46,12 +46,16 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     target_seconds: float = 0.0  # inside target runs (prefill included)
     draft_seconds: float = 0.0
-    overhead_fraction: float = 0.0  # share of wall time outside model runs
+    overhead_fraction: float = 0.0  # share of wall time outside model runs and n-gram proposals
     tokens_per_target_call: float = 0.0  # tau
     accepted_histogram: list[int] = field(default_factory=list)  # [k] = target calls that accepted k draft tokens
     weight_bytes_ratio: float = 1.0  # weight bytes read per token relative to plain decoding
     tree_budget: int = 0
     tree_depth: int = 0
+    draft2_proposed: int = 0  # tokens the n-gram model proposed
+    draft2_accepted: int = 0  # of those, tokens the draft (staged) or the target (ngram mode) kept
+    draft_calls_saved: int = 0  # draft calls stage 2 made unnecessary
+    draft2_seconds: float = 0.0  # time spent in n-gram proposals
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,17 +80,22 @@ class TextStream:
 
 
 class Generator:
-    def __init__(self, bundle: Bundle, target: DecoderSession, draft: DecoderSession | None):
+    def __init__(self, bundle: Bundle, target: DecoderSession, draft: DecoderSession | None,
+                 ngram: KatzTrigram | None):
         self.bundle = bundle
         self.target = target
         self.draft = draft
+        self.ngram = ngram
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "auto") -> "Generator":
         bundle = Bundle.load(bundle_dir)
-        target = _decoder(bundle, bundle.manifest.target, provider)
-        draft = _decoder(bundle, bundle.manifest.draft, target.placement.name) if bundle.manifest.draft else None
-        return cls(bundle, target, draft)
+        manifest = bundle.manifest
+        target = _decoder(bundle, manifest.target, provider)
+        draft = _decoder(bundle, manifest.draft, target.placement.name) if manifest.draft else None
+        ngram = KatzTrigram.load(bundle.path / manifest.ngram.file, manifest.target.contract.vocab_size) \
+            if manifest.ngram else None
+        return cls(bundle, target, draft, ngram)
 
     @property
     def provider(self) -> str:
@@ -127,15 +136,18 @@ class Generator:
         if mode not in MODES:
             raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "auto":
-            return "speculative" if self.draft is not None else "autoregressive"
-        if mode not in IMPLEMENTED_MODES:
-            raise NotImplementedModeError(
-                f"mode {mode!r} is not implemented in this version of specx; use --mode autoregressive"
-                + (" or speculative" if self.draft is not None else "")
-            )
-        if mode == "speculative" and self.draft is None:
+            if self.draft is not None:
+                return "staged" if self.ngram is not None else "speculative"
+            return "ngram" if self.ngram is not None else "autoregressive"
+        if mode in ("speculative", "staged") and self.draft is None:
             raise InvalidArgumentError(
-                "mode 'speculative' needs a bundle with a draft model; export one with --draft, or use autoregressive"
+                f"mode {mode!r} needs a bundle with a draft model; export one with --draft, or use "
+                "--mode ngram or autoregressive"
+            )
+        if mode == "staged" and self.ngram is None:
+            raise InvalidArgumentError(
+                "mode 'staged' needs a bundle with an n-gram table; export with --ngram-tokens N or --ngram-corpus, "
+                "or use --mode speculative"
             )
         return mode
 
@@ -169,10 +181,14 @@ class Generator:
             session.reset()
             session.reset_counters()
         log = StepLog()
-        if mode == "speculative":
-            tokens_iter = speculative(self.target, self.draft, request, shape, rng, log)
-        else:
+        session_ngram = SessionNgram(self.ngram) if mode in ("staged", "ngram") else None
+        if mode == "autoregressive":
             tokens_iter = autoregressive(self.target, request, rng)
+        elif mode == "ngram":
+            tokens_iter = speculative(self.target, NgramDrafter(session_ngram, log), request, shape, rng, log)
+        else:
+            drafter = ModelDrafter(self.draft, session_ngram, log)
+            tokens_iter = speculative(self.target, drafter, request, shape, rng, log)
         decoder = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []
         start = time.perf_counter()
@@ -185,22 +201,25 @@ class Generator:
             if piece:
                 yield piece
         seconds = time.perf_counter() - start
-        stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape)
+        stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape,
+                            session_ngram.seconds if session_ngram else 0.0)
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
 
     def _stats(self, mode: str, request: DecodeRequest, tokens: list[int], seconds: float, prefill_seconds: float,
-               log: StepLog, shape: TreeShape) -> GenerationStats:
+               log: StepLog, shape: TreeShape, draft2_seconds: float) -> GenerationStats:
         manifest = self.bundle.manifest
-        draft_calls = self.draft.calls if self.draft is not None and mode == "speculative" else 0
-        draft_seconds = self.draft.seconds if self.draft is not None and mode == "speculative" else 0.0
+        uses_draft = self.draft is not None and mode in ("speculative", "staged")
+        draft_calls = self.draft.calls if uses_draft else 0
+        draft_seconds = self.draft.seconds if uses_draft else 0.0
         target_calls = self.target.calls
         new = len(tokens)
-        verify_calls = len(log.accepted) if mode == "speculative" else target_calls  # calls that produced tokens
+        verify_calls = len(log.accepted) if mode != "autoregressive" else target_calls  # calls that produced tokens
+        tree_mode = mode != "autoregressive"
         target_bytes = manifest.target.weight_bytes
         draft_bytes = manifest.draft.weight_bytes if manifest.draft else 0
         histogram = np.bincount(log.accepted, minlength=1).tolist() if log.accepted else []
-        model_seconds = self.target.seconds + draft_seconds
+        model_seconds = self.target.seconds + draft_seconds + draft2_seconds
         return GenerationStats(
             mode=mode,
             provider=self.provider,
@@ -218,8 +237,12 @@ class Generator:
             accepted_histogram=histogram,
             weight_bytes_ratio=(target_calls * target_bytes + draft_calls * draft_bytes) / (new * target_bytes)
             if new else 0.0,
-            tree_budget=shape.budget if mode == "speculative" else 0,
-            tree_depth=shape.depth if mode == "speculative" else 0,
+            tree_budget=shape.budget if tree_mode else 0,
+            tree_depth=shape.depth if tree_mode else 0,
+            draft2_proposed=log.stage_two.proposed,
+            draft2_accepted=log.stage_two.accepted,
+            draft_calls_saved=max(0, log.planned_draft_calls - draft_calls) if mode == "staged" else 0,
+            draft2_seconds=draft2_seconds,
         )
 
 

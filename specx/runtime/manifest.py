@@ -6,6 +6,7 @@ Bundle layout::
              target.onnx (+ target.onnx.data)     decoder graph, see specx.graphs.contract
              target.kv_gather.onnx                helper graph that commits a subset of KV positions
              draft.onnx, draft.kv_gather.onnx     when the bundle has a draft
+             ngram.npz                            Katz trigram table (draft2), when built
              tokenizer.json
 """
 
@@ -100,6 +101,18 @@ class TokenizerEntry:
 
 
 @dataclass(frozen=True)
+class NgramEntry:
+    """The n-gram table (draft2 of staged decoding) and how it was built."""
+
+    file: str
+    info: dict[str, Any] = field(default_factory=dict)  # sampled_tokens, corpus_files, total_tokens, ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NgramEntry":
+        return cls(file=str(d["file"]), info=dict(d.get("info") or {}))
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     dtype: str
@@ -108,6 +121,7 @@ class Manifest:
     tokenizer: TokenizerEntry
     specx_version: str
     created: str
+    ngram: NgramEntry | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +134,7 @@ class Manifest:
             "target": self.target.to_dict(),
             "draft": self.draft.to_dict() if self.draft else None,
             "tokenizer": asdict(self.tokenizer),
+            "ngram": asdict(self.ngram) if self.ngram else None,
         }
 
     def write(self, bundle_dir: Path) -> None:
@@ -157,6 +172,7 @@ class Manifest:
                 tokenizer=TokenizerEntry.from_dict(d["tokenizer"]),
                 specx_version=str(d.get("specx_version", "?")),
                 created=str(d.get("created", "?")),
+                ngram=NgramEntry.from_dict(d["ngram"]) if d.get("ngram") else None,
                 format_version=version,
             )
         except BundleError:
