@@ -12,7 +12,7 @@ from specx.errors import InvalidArgumentError
 from specx.runtime import Generator
 from specx.runtime.decoding import feed
 from specx.runtime.drafting import TreeShape, grow_tree
-from specx.runtime.sampling import SamplingConfig, target_distribution
+from tests.helpers import assert_first_two_tokens_follow_the_model
 
 PROMPTS = ["def f12(x):", "the quick brown fox", "one two three", "print"]
 SHAPES = [(1, 1), (3, 3), (6, 3), (8, 4), (12, 2)]  # (budget, depth); budget == depth is a chain
@@ -92,38 +92,12 @@ def test_sampling_same_seed_same_tokens(generators):
         assert sp.tokens == ar.tokens
 
 
-def _exact_first_two(gen: Generator, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Exact marginals of the first and second sampled tokens, from the target graph."""
-    target = gen.target
-    target.reset()
-    p1 = target_distribution(feed(target, np.asarray(prompt_ids, dtype=np.int64)), sampling)
-    p2 = np.zeros_like(p1)
-    for token in np.flatnonzero(p1 > 0):
-        target.reset()
-        logits = feed(target, np.asarray(prompt_ids + [int(token)], dtype=np.int64))
-        p2 += p1[token] * target_distribution(logits, sampling)
-    return p1, p2
+SAMPLING_CASES = [dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(temperature=1.0, top_p=0.7)]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(temperature=1.0,
-                                                                                                  top_p=0.7)])
+@pytest.mark.parametrize("kwargs", SAMPLING_CASES)
 def test_sampling_matches_the_model_distribution(generators, kwargs):
-    """Monte Carlo over seeds: the first two speculative tokens follow the exact distribution of plain sampling."""
-    gen = generators["gpt2_bundle"]
-    n = 1500
-    prompt = gen.bundle.tokenizer.encode("one two").ids
-    p1, p2 = _exact_first_two(gen, prompt, SamplingConfig(**kwargs))
-    firsts, seconds = np.zeros_like(p1), np.zeros_like(p2)
-    for seed in range(n):
-        tokens = gen.generate(prompt, max_new_tokens=2, ignore_eos=True, mode="speculative", tree_budget=6,
-                              tree_depth=3, seed=10_000 + seed, **kwargs).tokens
-        firsts[tokens[0]] += 1
-        seconds[tokens[1]] += 1
-    for exact, counts in ((p1, firsts), (p2, seconds)):
-        tv = 0.5 * np.abs(counts / n - exact).sum()
-        # E[TV] <= 1/2 sum sqrt(p(1-p)/n); McDiarmid adds sqrt(2 ln(1/delta) / n) at confidence 1 - delta (1e-3).
-        bound = 0.5 * np.sqrt(exact * (1 - exact) / n).sum() + np.sqrt(2 * np.log(1e3) / n)
-        assert tv < bound, (tv, bound)
+    assert_first_two_tokens_follow_the_model(generators["gpt2_bundle"], "speculative", 10_000, **kwargs)
 
 
 def test_cache_after_speculation_equals_plain_decoding(generators):

@@ -12,7 +12,8 @@ from specx.runtime.decoding import DecodeRequest, ModelDrafter, StepLog, specula
 from specx.runtime.drafting import TreeShape
 from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig
-from tests.test_speculative import _exact_first_two
+from tests.helpers import assert_first_two_tokens_follow_the_model
+from tests.test_speculative import SAMPLING_CASES
 
 PROMPTS = ["def f12(x):", "one two three one two three one two", "the quick brown fox"]
 SHAPES = [(4, 4), (8, 4), (6, 6), (12, 3)]
@@ -47,23 +48,9 @@ def test_default_mode_is_staged_with_draft_and_table(generators):
     assert generators["gpt2_bundle"].generate("one", max_new_tokens=3).stats.mode == "staged"
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(temperature=1.0,
-                                                                                                  top_p=0.7)])
+@pytest.mark.parametrize("kwargs", SAMPLING_CASES)
 def test_staged_sampling_matches_the_model_distribution(generators, kwargs):
-    gen = generators["gpt2_bundle"]
-    n = 1500
-    prompt = gen.bundle.tokenizer.encode("one two").ids
-    p1, p2 = _exact_first_two(gen, prompt, SamplingConfig(**kwargs))
-    firsts, seconds = np.zeros_like(p1), np.zeros_like(p2)
-    for seed in range(n):
-        tokens = gen.generate(prompt, max_new_tokens=2, ignore_eos=True, mode="staged", tree_budget=6,
-                              tree_depth=3, seed=20_000 + seed, **kwargs).tokens
-        firsts[tokens[0]] += 1
-        seconds[tokens[1]] += 1
-    for exact, counts in ((p1, firsts), (p2, seconds)):
-        tv = 0.5 * np.abs(counts / n - exact).sum()
-        bound = 0.5 * np.sqrt(exact * (1 - exact) / n).sum() + np.sqrt(2 * np.log(1e3) / n)
-        assert tv < bound, (tv, bound)
+    assert_first_two_tokens_follow_the_model(generators["gpt2_bundle"], "staged", 20_000, **kwargs)
 
 
 def _staged_draft_calls(gen: Generator, prompt: list[int], online: bool) -> tuple[list[int], StepLog, int]:
