@@ -1,11 +1,13 @@
-"""Speculative vs autoregressive decoding of the same target graph, on the development prompts.
+"""Speculative, staged and n-gram decoding vs autoregressive decoding of the same target graph, on the development
+prompts.
 
 For every bundle and tree shape: tokens/s and its ratio to autoregressive decoding (measured back to back on the same
 prompt, same process), tokens per target call (tau), draft calls per token, weight-bytes ratio, and the time split
 (target runs, draft runs, everything else = runtime overhead). Greedy and sampled (temperature 1, fixed seeds).
 
-    python benchmarks/speculative.py --bundle DIR [--bundle DIR ...] [--shapes 4x4,8x4] [--prompts 24]
-                                     [--new-tokens 128] [--temperatures 0,1] [--json out.json]
+    python benchmarks/speculative.py --bundle DIR [--bundle DIR ...] [--modes speculative,staged,ngram]
+                                     [--shapes 4x4,8x4] [--prompts 24] [--new-tokens 128] [--temperatures 0,1]
+                                     [--json out.json]
 
 A shape BxD is a tree of B draft tokens and depth D (B == D is a chain: classic speculative decoding).
 """
@@ -13,6 +15,7 @@ A shape BxD is a tree of B draft tokens and depth D (B == D is a chain: classic 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections import defaultdict
@@ -44,12 +47,14 @@ def run_one(gen: Generator, ids: list[int], new_tokens: int, temperature: float,
     return {"tokens": result.tokens, "tps": s.tokens_per_second, "tau": s.tokens_per_target_call,
             "draft_calls_per_token": s.draft_calls / s.new_tokens, "weight_bytes_ratio": s.weight_bytes_ratio,
             "overhead": s.overhead_fraction, "draft_share": s.draft_seconds / s.seconds,
+            "draft2_share": s.draft2_seconds / s.seconds, "draft_calls_saved": s.draft_calls_saved,
+            "draft2_accept_rate": s.draft2_accepted / s.draft2_proposed if s.draft2_proposed else 0.0,
             "target_share": s.target_seconds / s.seconds, "histogram": s.accepted_histogram}
 
 
 def summarise(rows: list[dict]) -> dict:
     keys = ("speedup", "tps", "ar_tps", "tau", "draft_calls_per_token", "weight_bytes_ratio", "overhead",
-            "draft_share", "target_share")
+            "draft_share", "draft2_share", "target_share", "draft2_accept_rate")
     out = {k: round(median([r[k] for r in rows]), 4) for k in keys}
     out["identical_greedy"] = f"{sum(r['identical'] for r in rows)}/{len(rows)}"
     return out
@@ -58,6 +63,7 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, action="append", required=True)
+    parser.add_argument("--modes", default="speculative")
     parser.add_argument("--shapes", default="4x4,8x4")
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -76,12 +82,12 @@ def main() -> None:
             for prompt in prompts:
                 ids = gen.bundle.tokenizer.encode(prompt["prompt"]).ids
                 ar = run_one(gen, ids, args.new_tokens, temperature, "autoregressive", None)
-                for shape in parse_shapes(args.shapes):
-                    sp = run_one(gen, ids, args.new_tokens, temperature, "speculative", shape)
+                for mode, shape in itertools.product(args.modes.split(","), parse_shapes(args.shapes)):
+                    sp = run_one(gen, ids, args.new_tokens, temperature, mode, shape)
                     row = {**{k: v for k, v in sp.items() if k != "tokens"}, "ar_tps": ar["tps"],
                            "speedup": sp["tps"] / ar["tps"], "identical": sp["tokens"] == ar["tokens"],
                            "kind": prompt["kind"], "id": prompt["id"]}
-                    key = f"{draft} | {shape[0]}x{shape[1]} | T={temperature:g}"
+                    key = f"{mode} | {draft if mode != 'ngram' else '-'} | {shape[0]}x{shape[1]} | T={temperature:g}"
                     results[key].append(row)
                     print(json.dumps({"config": key, **row}), flush=True)
 
