@@ -143,14 +143,23 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
         for entry in filter(None, (m.target, m.draft)):
             a = entry.architecture
             parity = entry.parity.get("max_abs_logit_diff")
+            parity_text = "n/a" if parity is None else f"{parity:.2e}"
+            derived = f" (derived: {entry.derived_from})" if entry.derived_from else ""
             typer.echo(
-                f"{entry.role:<8} {entry.source}  [{a.model_type}, {a.num_layers} layers, hidden {a.hidden_size}, "
-                f"{a.num_heads} heads / {a.num_kv_heads} kv, vocab {a.vocab_size}, context {a.max_positions}, "
-                f"{a.position_encoding} positions]  weights {entry.weight_bytes / 2**20:.1f} MiB  "
-                f"parity {parity:.2e}" if parity is not None else "parity n/a"
+                f"{entry.role:<8} {entry.source}{derived}  [{a.model_type}, {a.num_layers} layers, hidden "
+                f"{a.hidden_size}, {a.num_heads} heads / {a.num_kv_heads} kv, vocab {a.vocab_size}, context "
+                f"{a.max_positions}, {a.position_encoding} positions]  weights {entry.weight_bytes / 2**20:.1f} MiB"
+                f"  max |logit diff| vs torch {parity_text}"
             )
         if m.draft is None:
             typer.echo("draft    none")
+        if m.ngram is None:
+            typer.echo("ngram    none")
+        else:
+            info = m.ngram.info
+            typer.echo(f"ngram    {m.ngram.file}  ({info.get('total_tokens', '?')} tokens: "
+                       f"{info.get('sampled_tokens', 0)} sampled from {info.get('sampled_from', '?')}, "
+                       f"{len(info.get('corpus_files', []))} corpus files)")
         t = m.tokenizer
         typer.echo(f"tokenizer {t.file}  vocab {t.vocab_size}, bos {t.bos_token_id}, eos {list(t.eos_token_ids)}")
 

@@ -64,7 +64,7 @@ def test_run_streams_text_and_summary(gpt2_bundle):
 
 def test_info(gpt2_bundle):
     out = _ok(["info", str(gpt2_bundle)]).stdout
-    assert "target" in out and "draft" in out and "gpt2" in out and "parity" in out
+    assert "target" in out and "draft" in out and "gpt2" in out and "logit diff" in out and "ngram.npz" in out
 
 
 def test_export_cli_to_specx_home_and_run_by_name(tmp_path, monkeypatch, models_dir):
