@@ -47,6 +47,8 @@ def bare_ort_loop(session: ort.InferenceSession, past_names: list[str], kv_shape
 
 
 def transformers_generate(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy generate of exactly ``new_tokens`` tokens. transformers stops at EOS, so min_new_tokens is needed; it
+    masks EOS out of the logits, so its tokens can differ from specx's (ignore_eos keeps EOS) from the first EOS on."""
     import torch
 
     ids = torch.tensor([prompt_ids])
@@ -100,7 +102,10 @@ def main() -> None:
                "specx_overhead": result.stats.overhead_fraction, "same_as_bare": result.tokens == bare_tokens}
         if hf_model is not None:
             hf_tokens, hf_s = transformers_generate(hf_model, ids, args.new_tokens)
-            row.update(hf_tps=args.new_tokens / hf_s, same_as_hf=result.tokens == hf_tokens)
+            eos = set(gen.bundle.manifest.tokenizer.eos_token_ids)
+            upto = next((i for i, t in enumerate(result.tokens) if t in eos), len(result.tokens))
+            row.update(hf_tps=len(hf_tokens) / hf_s, same_as_hf=result.tokens[:upto] == hf_tokens[:upto],
+                       specx_eos_at=upto)
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -23,8 +25,10 @@ def pair(request, gpt2_bundle, gpt2_dir, llama_bundle, llama_dir):
 def test_greedy_equals_transformers_generate(pair, prompt):
     gen, model, hf_dir = pair
     ids = AutoTokenizer.from_pretrained(hf_dir)(prompt, return_tensors="pt").input_ids
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.do_sample, config.max_new_tokens = None, False, 48  # decode past EOS, as ignore_eos
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=48, min_new_tokens=48, do_sample=False)[0, ids.shape[1]:].tolist()
+        ref = model.generate(ids, generation_config=config)[0, ids.shape[1]:].tolist()
     result = gen.generate(prompt, max_new_tokens=48, ignore_eos=True, mode="autoregressive")
     assert result.tokens == ref
     assert len(set(ref)) > 3  # the model is not degenerate: the comparison means something
