@@ -16,7 +16,8 @@ def test_fp16_export_runs_and_agrees_with_fp32(tmp_path, llama_dir, llama_bundle
     parity = manifest["target"]["parity"]
     assert parity["max_abs_logit_diff"] <= parity["tolerance"]
     fp32 = json.loads((llama_bundle / "manifest.json").read_text())
-    assert manifest["target"]["weight_bytes"] * 2 == fp32["target"]["weight_bytes"]
+    # weights halve; a few int64 constants (shapes, indices) do not
+    assert abs(2 * manifest["target"]["weight_bytes"] - fp32["target"]["weight_bytes"]) < 0.01 * fp32["target"]["weight_bytes"]
     half = Generator.load(out, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
     full = Generator.load(llama_bundle, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
     assert half[:4] == full[:4]  # fp16 rounding may flip a near-tie later on; the start must agree
