@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tokenizers.decoders import DecodeStream
@@ -25,7 +25,7 @@ from specx.runtime.drafting import TreeShape
 from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.sampling import SamplingConfig
-from specx.runtime.session import DecoderSession, Placement, check_graph, open_session
+from specx.runtime.session import DecoderSession, check_graph, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
 # Default tree: a 5-token chain was the fastest shape measured on SmolLM2-135M with a self:int8 draft on a 2-core

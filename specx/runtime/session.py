@@ -204,10 +204,6 @@ class DecoderSession:
         self._past = self._gather(self._past, positions)
         self.past_len = int(positions.size)
 
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` committed positions."""
-        self.select(np.arange(length, dtype=np.int64))
-
     def _gather(self, values: list[ort.OrtValue], index: np.ndarray) -> list[ort.OrtValue]:
         """Run the KV-gather graph: every layer's (batch, kv_heads, total, head_dim) -> (..., len(index), ...)."""
         io = self._gather_session.io_binding()
