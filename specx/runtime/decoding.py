@@ -32,7 +32,6 @@ class StepLog:
     """What the speculative loop did, step by step (the caller turns it into statistics)."""
 
     accepted: list[int] = field(default_factory=list)  # accepted draft tokens per target call
-    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per target call, root included
     planned_draft_calls: int = 0  # draft calls tree speculation without stage 2 would make (depth per step)
     stage_two: StageTwoLog = field(default_factory=StageTwoLog)
 
@@ -128,7 +127,6 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
         target.commit([0, *result.path])  # root + accepted nodes, in path order
         drafter.commit(drafted, result, len(committed))
         log.accepted.append(len(result.path))
-        log.tree_sizes.append(drafted.tree.size)
         for token in [*(int(drafted.tokens[n]) for n in result.path), result.next_token]:
             yield token
             produced += 1

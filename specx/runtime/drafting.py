@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from specx.errors import InvalidArgumentError
+from specx.runtime.sampling import softmax
 from specx.runtime.session import DecoderSession
 from specx.runtime.tree import Tree, build_tree, chain
 
@@ -95,7 +96,7 @@ class _Growth:
         self.children[node] = {}
         if self.depths[node] >= self.shape.depth:
             return
-        probs = _softmax(logits.astype(np.float64))
+        probs = softmax(logits.astype(np.float64))
         for token in _top(probs, self.shape.width):
             self.children[node][int(token)] = self.add(int(token), node, self.values[node] * float(probs[token]))
 
@@ -124,11 +125,6 @@ def _top(probs: np.ndarray, k: int) -> np.ndarray:
     k = min(k, probs.size)
     idx = np.argpartition(probs, -k)[-k:]
     return idx[np.argsort(-probs[idx], kind="stable")]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max())
-    return e / e.sum()
 
 
 def grow_tree(draft: DecoderSession, pending: np.ndarray, shape: TreeShape, proposer: Proposer | None = None,

@@ -159,8 +159,7 @@ class SessionNgram:
         self.online = online  # False: the static table alone (for ablations)
         self._tri: dict[tuple[int, int], dict[int, int]] = defaultdict(dict)
         self._bi: dict[int, dict[int, int]] = defaultdict(dict)
-        self._seen = 0  # tokens of the sequence already counted
-        self._sequence: list[int] = []
+        self._sequence: list[int] = []  # the tokens counted so far
         self._static_best: dict[tuple[int | None, int], int] = {}  # the static model never changes: memoise
         self.seconds = 0.0  # time spent proposing
 
@@ -168,7 +167,7 @@ class SessionNgram:
         """Count the new tail of ``sequence`` (the prompt, then the generated tokens as they are committed)."""
         if not self.online:
             return
-        start = self._seen
+        start = len(self._sequence)
         self._sequence.extend(sequence[start:])
         seq = self._sequence
         for i in range(max(start, 1), len(seq)):
@@ -177,7 +176,6 @@ class SessionNgram:
             if i >= 2:
                 tri = self._tri[(seq[i - 2], seq[i - 1])]
                 tri[seq[i]] = tri.get(seq[i], 0) + 1
-        self._seen = len(seq)
 
     def next_token(self, u: int | None, v: int) -> int | None:
         if u is not None and (u, v) in self._tri:

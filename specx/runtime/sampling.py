@@ -45,11 +45,11 @@ def target_distribution(logits: np.ndarray, config: SamplingConfig) -> np.ndarra
         scores = np.where(scores < kth, -np.inf, scores)
     if config.top_p < 1.0:
         order = np.argsort(scores, kind="stable")  # ascending, like transformers' TopPLogitsWarper
-        ascending = _softmax(scores[order])
+        ascending = softmax(scores[order])
         remove = np.cumsum(ascending) <= 1.0 - config.top_p
         remove[-1] = False  # always keep the most likely token
         scores[order[remove]] = -np.inf
-    return _softmax(scores)
+    return softmax(scores)
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -66,6 +66,7 @@ def choose_token(logits: np.ndarray, config: SamplingConfig, rng: np.random.Gene
     return sample(target_distribution(logits, config), rng)
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Probabilities from one row of scores (-inf allowed), computed stably."""
     shifted = np.exp(scores - np.max(scores))
     return shifted / shifted.sum()
