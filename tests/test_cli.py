@@ -214,3 +214,9 @@ def test_failed_export_leaves_nothing(gpt2_dir, tmp_path, monkeypatch):
 
 def test_missing_gguf(tmp_path):
     _user_error(["export", str(tmp_path / "model.gguf"), "--draft", "none"], "does not exist")
+
+
+def test_missing_ngram_corpus(gpt2_dir, tmp_path):
+    _user_error(["export", str(gpt2_dir), "--draft", "none", "--ngram-corpus", str(tmp_path / "nope.txt"),
+                 "-o", str(tmp_path / "out")], "nope.txt")
+    assert not (tmp_path / "out").exists()

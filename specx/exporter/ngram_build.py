@@ -9,7 +9,6 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specx.errors import InvalidArgumentError
 from specx.runtime.ngram import DEFAULT_SAMPLE_TOKENS, KatzTrigram
 
 SAMPLE_TEMPERATURE = 1.5
@@ -39,9 +38,7 @@ def sample_sequences(model: PreTrainedModel, start_token: int, tokens: int, max_
 
 def corpus_sequences(files: Sequence[Path], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     sequences = []
-    for path in files:
-        if not path.is_file():
-            raise InvalidArgumentError(f"--ngram-corpus file {path} does not exist")
+    for path in files:  # existence is checked before the export starts (pipeline.export_bundle)
         text = path.read_text(encoding="utf-8", errors="replace")
         sequences.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return sequences

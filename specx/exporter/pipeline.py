@@ -10,7 +10,7 @@ import contextlib
 import datetime as _dt
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -182,10 +182,9 @@ def _export_derived(derived: DerivedDraft, target: LoadedModel, target_entry: Mo
         with progress(f"measuring the {derived.spec} draft against PyTorch"):
             parity = validate_decoder(adapter_for(reference.model.config), reference.model, entry.contract, path,
                                       dtype, enforce=False)
-        entry = ModelEntry("draft", derived.spec, path.name, gather_path(path).name, entry.architecture,
-                           entry.contract, weight_bytes(path), parity.to_dict())
-    return ModelEntry("draft", derived.spec, entry.graph, entry.kv_gather, entry.architecture, entry.contract,
-                      entry.weight_bytes, entry.parity, derived_from=derived.spec)
+        entry = replace(entry, graph=path.name, kv_gather=gather_path(path).name, weight_bytes=weight_bytes(path),
+                        parity=parity.to_dict())
+    return replace(entry, role="draft", source=derived.spec, derived_from=derived.spec)
 
 
 def _write_ngram(sampler: LoadedModel, target: ModelEntry, request: ExportRequest, staging: Path,
