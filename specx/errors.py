@@ -31,3 +31,7 @@ class SourceError(SpecxError):
 
 class ExportError(SpecxError):
     """Export or its validation failed."""
+
+
+class CapacityError(InvalidArgumentError):
+    """A generation would not fit the KV cache (the model's context or the user's --max-context)."""

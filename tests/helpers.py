@@ -11,27 +11,35 @@ from specx.runtime.decoding import feed
 from specx.runtime.generator import Generator, _decoder
 from specx.runtime.sampling import SamplingConfig, target_distribution
 from specx.runtime.session import DecoderSession
+from tests import tiny_models
 
 SAMPLES = 1500  # Monte Carlo runs per distribution test
+
+
+CACHE_ROWS = 2 * tiny_models.CONTEXT  # reserved cache rows for tests that drive sessions directly
 
 
 def open_target(bundle_dir: Path, batch: int = 1) -> DecoderSession:
     bundle = Bundle.load(bundle_dir)
     session = _decoder(bundle, bundle.manifest.target, "cpu")
     if batch != 1:
-        session = DecoderSession(session._decoder, session._gather_session, session.contract, session.placement, batch=batch)
+        session = DecoderSession(session._decoder, session._committer, session.contract, session.placement, batch=batch)
+    session.reserve(CACHE_ROWS)
     return session
 
 
 def open_draft(bundle_dir: Path) -> DecoderSession:
     bundle = Bundle.load(bundle_dir)
-    return _decoder(bundle, bundle.manifest.draft, "cpu")
+    session = _decoder(bundle, bundle.manifest.draft, "cpu")
+    session.reserve(CACHE_ROWS)
+    return session
 
 
 def exact_first_two(gen: Generator, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
     """Exact marginals of the first and second sampled tokens of plain sampling, from the target graph."""
     target = gen.target
     target.reset()
+    target.reserve(CACHE_ROWS)
     p1 = target_distribution(feed(target, np.asarray(prompt_ids, dtype=np.int64)), sampling)
     p2 = np.zeros_like(p1)
     for token in np.flatnonzero(p1 > 0):

@@ -102,7 +102,7 @@ def test_corrupt_graph(gpt2_bundle, tmp_path):
 
 def test_missing_graph_file(gpt2_bundle, tmp_path):
     bundle = _copy(gpt2_bundle, tmp_path)
-    (bundle / "target.kv_gather.onnx").unlink()
+    (bundle / "target.kv_commit.onnx").unlink()
     _user_error(["run", "--model", str(bundle), "--prompt", "hi"], "incomplete")
 
 
@@ -154,9 +154,9 @@ def test_mode_needs_a_draft(llama_bundle):
 
 def test_unavailable_provider(gpt2_bundle):
     try:
-        ort.InferenceSession(str(gpt2_bundle / "target.kv_gather.onnx"), providers=["CUDAExecutionProvider"])
+        ort.InferenceSession(str(gpt2_bundle / "target.kv_commit.onnx"), providers=["CUDAExecutionProvider"])
         ort_cuda = "CUDAExecutionProvider" in ort.InferenceSession(
-            str(gpt2_bundle / "target.kv_gather.onnx"), providers=["CUDAExecutionProvider"]).get_providers()
+            str(gpt2_bundle / "target.kv_commit.onnx"), providers=["CUDAExecutionProvider"]).get_providers()
     except Exception:
         ort_cuda = False
     if ort_cuda:

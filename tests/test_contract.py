@@ -33,7 +33,7 @@ def test_decoder_contract_names_follow_optimum():
 def test_round_trip():
     c = GraphContract.decoder(2, 3, 8, 100, "float16")
     assert GraphContract.from_dict(c.to_dict()) == c
-    g = c.kv_gather()
+    g = c.kv_commit()
     assert GraphContract.from_dict(g.to_dict()) == g
 
 

@@ -12,7 +12,7 @@ from specx.runtime.decoding import DecodeRequest, ModelDrafter, StepLog, specula
 from specx.runtime.drafting import TreeShape
 from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig
-from tests.helpers import assert_first_two_tokens_follow_the_model
+from tests.helpers import CACHE_ROWS, assert_first_two_tokens_follow_the_model
 from tests.test_speculative import SAMPLING_CASES
 
 PROMPTS = ["def f12(x):", "one two three one two three one two", "the quick brown fox"]
@@ -60,6 +60,7 @@ def _staged_draft_calls(gen: Generator, prompt: list[int], online: bool) -> tupl
     for session in (gen.target, gen.draft):
         session.reset()
         session.reset_counters()
+        session.reserve(CACHE_ROWS)
     tokens = list(speculative(gen.target, drafter, request, TreeShape(8, 8), np.random.default_rng(0), log))
     return tokens, log, gen.draft.calls
 

@@ -22,19 +22,19 @@ from specx.exporter.adapters import ArchitectureAdapter, adapter_for
 from specx.exporter.derived import PREFIX as DERIVED_PREFIX
 from specx.exporter.derived import DerivedDraft, truncate_layers
 from specx.exporter.ngram_build import DEFAULT_SAMPLE_TOKENS, build_ngram
-from specx.exporter.onnx_export import DEFAULT_OPSET, export_decoder, gather_path
+from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path, export_decoder
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
-from specx.graphs.helpers import write_kv_gather
-from specx.graphs.passes import embed_contract_in_file, weight_bytes
-from specx.graphs.quantize import quantize_decoder
+from specx.graphs.passes import weight_bytes
+from specx.graphs.quantize import quantize_decoder, scheme
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, NgramEntry, TokenizerEntry
 
 NO_DRAFT = "none"
 TOKENIZER_FILE = "tokenizer.json"
 NGRAM_FILE = "ngram.npz"
-MIN_OPSET = 18  # torch.onnx's dynamo exporter emits opset 18 and newer
+MIN_OPSET = 18  # Split with num_outputs
+QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
 
 Progress = Callable[[str], ContextManager[None]]
 
@@ -48,7 +48,7 @@ class ExportRequest:
     source: str
     draft: str | None = None  # None = the family's default draft; "none" = no draft
     output: Path | None = None
-    dtype: str = "auto"  # auto | fp32 | fp16
+    dtype: str = "auto"  # auto | fp32 | fp16 | int8 | int4
     opset: int = DEFAULT_OPSET
     ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens sampled from the draft for the n-gram table (0: none)
     ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
@@ -108,7 +108,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
             draft_entry = _export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
                                         request.opset, progress)
         elif derived is not None:
-            draft_entry = _export_derived(derived, target, target_entry, staging, dtype, request.opset, progress)
+            draft_entry = _export_derived(derived, target, dtype, staging, request.opset, progress)
         ngram = _write_ngram(draft or target, target_entry, request, staging, progress)
         manifest = Manifest(
             name=output.name,
@@ -142,49 +142,49 @@ def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
 
 
 def _export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
-                  opset: int, progress: Progress, stem: str | None = None) -> ModelEntry:
-    path = staging / f"{stem or role}.onnx"
+                  opset: int, progress: Progress, source: str | None = None) -> ModelEntry:
+    """Build, validate (and for int8/int4 quantize) one decoder graph into ``staging/<role>.onnx``."""
+    path = staging / f"{role}.onnx"
     kv_dtype = "float16" if dtype == "fp16" else "float32"
-    with progress(f"exporting {role} {loaded.source} to ONNX"):
-        contract = export_decoder(adapter, loaded.model, path, kv_dtype, opset)
-    with progress(f"validating {role} against PyTorch"):
-        parity = validate_decoder(adapter, loaded.model, contract, path, dtype)
+    bits = QUANTIZED_DTYPES.get(dtype)
+    built = path.with_name(f"{role}.unquantized.onnx") if bits else path
+    with progress(f"building the {role} graph for {source or loaded.source}"):
+        contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared")
+    with progress(f"validating the {role} graph against PyTorch"):
+        parity = validate_decoder(adapter, loaded.model, contract, built, "fp32" if bits else dtype).to_dict()
+    if bits:
+        with progress(f"quantizing the {role} graph to int{bits} (MatMulNBits)"):
+            quantize_decoder(built, path, bits, contract)
+            commit_path(built).rename(commit_path(path))
+            for leftover in staging.glob(f"{role}.unquantized*"):
+                leftover.unlink()
+        with progress(f"measuring the int{bits} {role} graph against PyTorch"):
+            quantized = validate_decoder(adapter, loaded.model, contract, path, dtype, enforce=False).to_dict()
+        parity = {**quantized, "unquantized_max_abs_logit_diff": parity["max_abs_logit_diff"]}
     return ModelEntry(
         role=role,
-        source=loaded.source,
+        source=source or loaded.source,
         graph=path.name,
-        kv_gather=gather_path(path).name,
+        kv_commit=commit_path(path).name,
         architecture=adapter.spec,
         contract=contract,
         weight_bytes=weight_bytes(path),
-        parity=parity.to_dict(),
+        parity=parity,
+        quantization=scheme(bits) if bits else None,
     )
 
 
-def _export_derived(derived: DerivedDraft, target: LoadedModel, target_entry: ModelEntry, staging: Path, dtype: str,
-                    opset: int, progress: Progress) -> ModelEntry:
-    """A draft made from the target: a shallow copy (torch) and/or a weight-quantized copy (ONNX graph)."""
-    reference, entry = target, target_entry
+def _export_derived(derived: DerivedDraft, target: LoadedModel, dtype: str, staging: Path, opset: int,
+                    progress: Progress) -> ModelEntry:
+    """A draft made from the target: its first K layers and/or a weight-quantized copy (the same quantizer as
+    int8/int4 targets)."""
+    reference = target
     if derived.layers is not None:
         reference = LoadedModel(derived.spec, truncate_layers(target.model, derived.layers), target.tokenizer)
-        stem = "draft" if derived.bits is None else "draft.unquantized"
-        entry = _export_model("draft", reference, adapter_for(reference.model.config), staging, dtype, opset,
-                              progress, stem=stem)
-    if derived.bits is not None:
-        src, path = staging / entry.graph, staging / "draft.onnx"
-        with progress(f"quantizing the draft ({derived.spec})"):
-            quantize_decoder(src, path, derived.bits)
-            embed_contract_in_file(path, entry.contract)
-            write_kv_gather(entry.contract, opset, gather_path(path))
-        if derived.layers is not None:  # the unquantized shallow copy was only a step
-            for leftover in staging.glob("draft.unquantized*"):
-                leftover.unlink()
-        with progress(f"measuring the {derived.spec} draft against PyTorch"):
-            parity = validate_decoder(adapter_for(reference.model.config), reference.model, entry.contract, path,
-                                      dtype, enforce=False)
-        entry = replace(entry, graph=path.name, kv_gather=gather_path(path).name, weight_bytes=weight_bytes(path),
-                        parity=parity.to_dict())
-    return replace(entry, role="draft", source=derived.spec, derived_from=derived.spec)
+    draft_dtype = f"int{derived.bits}" if derived.bits is not None else dtype
+    entry = _export_model("draft", reference, adapter_for(reference.model.config), staging, draft_dtype, opset,
+                          progress, source=derived.spec)
+    return replace(entry, derived_from=derived.spec)
 
 
 def _write_ngram(sampler: LoadedModel, target: ModelEntry, request: ExportRequest, staging: Path,

@@ -12,12 +12,14 @@ import torch
 
 from specx.errors import ExportError
 from specx.exporter.adapters import ArchitectureAdapter
+from specx.exporter.onnx_export import commit_path
 from specx.exporter.wrapper import TreeDecoder
 from specx.graphs.contract import GraphContract
+from specx.runtime.session import DecoderSession, open_session
 from specx.runtime.tree import Tree, build_tree, chain
 
 # |ORT - torch| must stay below TOLERANCE[dtype] * max(1, max |logit|).
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-4, "int4": 1e-4}  # quantized: the fp32 graph is held to it
 VALIDATION_PAST = 7
 VALIDATION_TREE_NODES = 9
 
@@ -54,21 +56,25 @@ def torch_tree_pass(wrapper: TreeDecoder, contract: GraphContract, prefix: np.nd
 
 def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contract: GraphContract, path: Path,
                      dtype: str, seed: int = 0, enforce: bool = True) -> Parity:
-    """Max |ORT - torch| logit difference on a random tree; above tolerance is an ExportError when ``enforce``
-    (quantized drafts are measured, not held to the tolerance)."""
+    """Max |ORT - torch| logit difference on a random tree after a prefix, ORT run through the runtime's own static
+    cache session; above tolerance is an ExportError when ``enforce`` (quantized graphs are measured, not held to
+    the tolerance)."""
     rng = np.random.default_rng(seed)
     prefix = rng.integers(0, contract.vocab_size, VALIDATION_PAST).astype(np.int64)
     tree = random_tree(VALIDATION_TREE_NODES, rng)
     tokens = rng.integers(0, contract.vocab_size, tree.size).astype(np.int64)
     wrapper = TreeDecoder(model, adapter).eval()
-    reference, past = torch_tree_pass(wrapper, contract, prefix, tokens, tree)
+    reference, _ = torch_tree_pass(wrapper, contract, prefix, tokens, tree)
 
-    providers = ["CUDAExecutionProvider"] if dtype == "fp16" and _has_cuda() else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), providers=providers)
-    feeds = {"input_ids": tokens[None], "position_ids": tree.positions(prefix.size),
-             "tree_mask": tree.attention_mask(prefix.size)}
-    feeds.update({name: value.numpy() for name, value in zip(contract.past_input_names, past)})
-    logits = session.run(["logits"], feeds)[0]
+    provider = "cuda" if dtype == "fp16" and _has_cuda() else "cpu"
+    decoder, placement = open_session(path, provider)
+    committer, _ = open_session(commit_path(path), placement.name)
+    session = DecoderSession(decoder, committer, contract, placement)
+    session.reserve(prefix.size + tree.size)
+    run = chain(prefix.size)
+    session.forward(prefix[None], run.positions(0), run.attention_mask(0))
+    session.commit()
+    logits = session.forward(tokens[None], tree.positions(prefix.size), tree.attention_mask(prefix.size))
     diff = float(np.max(np.abs(logits.astype(np.float64) - reference)))
     tolerance = TOLERANCE[dtype] * max(1.0, float(np.max(np.abs(reference))))
     if enforce and not diff <= tolerance:  # also catches NaN
@@ -76,7 +82,7 @@ def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contr
             f"{path.name}: ONNX logits differ from PyTorch by {diff:.3g} (tolerance {tolerance:.3g}); "
             "the export is wrong for this model, please report it"
         )
-    return Parity(diff, tolerance, session.get_providers()[0])
+    return Parity(diff, tolerance, placement.name)
 
 
 def _has_cuda() -> bool:

@@ -1,4 +1,5 @@
-"""The export wrapper: a thin module with the explicit signature every specx decoder graph has."""
+"""The PyTorch reference: a thin module with the signature of specx decoder graphs (growing KV, not static), against
+which every exported graph is validated."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class TreeDecoder(torch.nn.Module):
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=bias,
-            past_key_values=self.adapter.make_cache(past),
+            cache=self.adapter.make_cache(past),
             use_cache=True,
         )
         logits = out.logits.float()  # (batch, seq, vocab)
-        return (logits, *self.adapter.flatten_cache(out.past_key_values))
+        return (logits, *self.adapter.flatten_cache(out.cache))

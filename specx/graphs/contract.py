@@ -9,20 +9,23 @@ Decoder graph (target and draft)::
     input_ids      int64  (batch, seq)                  tokens of this pass (a prompt chunk or a token tree)
     position_ids   int64  (batch, seq)                  absolute positions (committed length + tree depth)
     tree_mask      bool   (batch, 1, seq, total)        True where new token i may attend to position j,
-                                                        total = past + seq (cached positions first)
+                                                        total = past + seq (cached positions first); the graph
+                                                        reads the committed length (past) from this shape
     past_key_values.{i}.key / .value
-                   kv     (batch, kv_heads, past, head_dim)
+                   kv     (batch, kv_heads, capacity, head_dim)   the static cache: rows [0, past) are committed
     ->
     logits         float32 (batch, seq, vocab)
     present.{i}.key / .value
-                   kv     (batch, kv_heads, total, head_dim)   past followed by this pass's positions
+                   kv     (batch, kv_heads, capacity, head_dim)   the same buffer (bound as input and output):
+                                                                  this pass's K/V written in place at [past, total)
 
-KV-gather helper graph (commits a subset of a pass's positions, on the device)::
+KV-commit helper graph (moves accepted rows into place, on the device, in place)::
 
-    present.{i}.key / .value  kv (batch, kv_heads, total, head_dim)
-    keep                      int64 (kept,)            positions to keep, in order
+    past_key_values.{i}.key / .value  kv (batch, kv_heads, capacity, head_dim)   bound as input and output
+    src                               int64 (moved,)    rows to keep, in order
+    dst                               int64 (batch,)    first row they move to (rows dst .. dst + moved - 1)
     ->
-    past_key_values.{i}.key / .value  kv (batch, kv_heads, kept, head_dim)
+    present.{i}.key / .value          kv (batch, kv_heads, capacity, head_dim)   = Gather(src) scattered at dst
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from specx.errors import ContractError
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 METADATA_KEY = "specx.contract"
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 TREE_MASK = "tree_mask"
 LOGITS = "logits"
-KEEP = "keep"
+COMMIT_SRC = "src"
+COMMIT_DST = "dst"
 
 KV_DTYPES = ("float32", "float16")
 
@@ -78,7 +82,7 @@ class NodeArgLike(Protocol):
 
 @dataclass(frozen=True)
 class GraphContract:
-    kind: str  # "decoder" | "kv_gather"
+    kind: str  # "decoder" | "kv_commit"
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -91,8 +95,7 @@ class GraphContract:
     @classmethod
     def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str) -> "GraphContract":
         _check_kv_dtype(kv_dtype)
-        kv_past = ("batch", num_kv_heads, "past", head_dim)
-        kv_total = ("batch", num_kv_heads, "total", head_dim)
+        kv_cache = ("batch", num_kv_heads, "capacity", head_dim)
         inputs = [
             TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
             TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
@@ -100,21 +103,17 @@ class GraphContract:
         ]
         outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab_size))]
         for layer in range(num_layers):
-            inputs += [TensorSpec(n, kv_dtype, kv_past) for n in past_names(layer)]
-            outputs += [TensorSpec(n, kv_dtype, kv_total) for n in present_names(layer)]
+            inputs += [TensorSpec(n, kv_dtype, kv_cache) for n in past_names(layer)]
+            outputs += [TensorSpec(n, kv_dtype, kv_cache) for n in present_names(layer)]
         return cls("decoder", num_layers, num_kv_heads, head_dim, vocab_size, kv_dtype, tuple(inputs), tuple(outputs))
 
-    def kv_gather(self) -> "GraphContract":
-        """The contract of the helper graph that compacts this decoder's present KV."""
-        kv_total = ("batch", self.num_kv_heads, "total", self.head_dim)
-        kv_kept = ("batch", self.num_kv_heads, "kept", self.head_dim)
-        inputs: list[TensorSpec] = []
-        outputs: list[TensorSpec] = []
-        for layer in range(self.num_layers):
-            inputs += [TensorSpec(n, self.kv_dtype, kv_total) for n in present_names(layer)]
-            outputs += [TensorSpec(n, self.kv_dtype, kv_kept) for n in past_names(layer)]
-        inputs.append(TensorSpec(KEEP, "int64", ("kept",)))
-        return GraphContract("kv_gather", self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size,
+    def kv_commit(self) -> "GraphContract":
+        """The contract of the helper graph that moves accepted rows of this decoder's cache into place."""
+        kv_cache = ("batch", self.num_kv_heads, "capacity", self.head_dim)
+        inputs = [TensorSpec(n, self.kv_dtype, kv_cache) for n in self.past_input_names]
+        inputs += [TensorSpec(COMMIT_SRC, "int64", ("moved",)), TensorSpec(COMMIT_DST, "int64", ("batch",))]
+        outputs = [TensorSpec(n, self.kv_dtype, kv_cache) for n in self.present_output_names]
+        return GraphContract("kv_commit", self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size,
                              self.kv_dtype, tuple(inputs), tuple(outputs))
 
     # -- names -------------------------------------------------------------------------------------------------

@@ -57,12 +57,12 @@ class Bundle:
     def graph_path(self, entry: ModelEntry) -> Path:
         return self.path / entry.graph
 
-    def gather_path(self, entry: ModelEntry) -> Path:
-        return self.path / entry.kv_gather
+    def commit_path(self, entry: ModelEntry) -> Path:
+        return self.path / entry.kv_commit
 
 
 def _check_files(path: Path, entry: ModelEntry) -> None:
-    for name in (entry.graph, entry.kv_gather):
+    for name in (entry.graph, entry.kv_commit):
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} is incomplete: {name} is missing; re-export it with `specx export`")
 

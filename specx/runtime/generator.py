@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from specx.errors import InvalidArgumentError
+from specx.errors import CapacityError, InvalidArgumentError
 from specx.runtime.bundle import Bundle
 from specx.runtime.decoding import DecodeRequest, ModelDrafter, NgramDrafter, StepLog, autoregressive, speculative
 from specx.runtime.drafting import TreeShape
@@ -82,30 +82,40 @@ class TextStream:
 
 class Generator:
     def __init__(self, bundle: Bundle, target: DecoderSession, draft: DecoderSession | None,
-                 ngram: KatzTrigram | None):
+                 ngram: KatzTrigram | None, max_context: int | None = None):
         self.bundle = bundle
         self.target = target
         self.draft = draft
         self.ngram = ngram
+        context = self.model_context
+        if max_context is not None and not 1 <= max_context <= context:
+            raise InvalidArgumentError(f"max_context must lie in [1, {context}] (the model's context), got {max_context}")
+        self.max_context = max_context or context
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, provider: str = "auto") -> "Generator":
+    def load(cls, bundle_dir: str | Path, provider: str = "auto", max_context: int | None = None) -> "Generator":
+        """``max_context`` caps prompt + new tokens below the model's context, which also bounds KV memory."""
         bundle = Bundle.load(bundle_dir)
         manifest = bundle.manifest
         target = _decoder(bundle, manifest.target, provider)
         draft = _decoder(bundle, manifest.draft, target.placement.name) if manifest.draft else None
         ngram = KatzTrigram.load(bundle.path / manifest.ngram.file, manifest.target.contract.vocab_size) \
             if manifest.ngram else None
-        return cls(bundle, target, draft, ngram)
+        return cls(bundle, target, draft, ngram, max_context)
 
     @property
     def provider(self) -> str:
         return self.target.placement.name
 
     @property
-    def max_positions(self) -> int:
+    def model_context(self) -> int:
         entries = filter(None, (self.bundle.manifest.target, self.bundle.manifest.draft))
         return min(e.architecture.max_positions for e in entries)
+
+    @property
+    def max_positions(self) -> int:
+        """Prompt + new tokens a generation may hold: the model's context or the ``max_context`` cap."""
+        return self.max_context
 
     # -- public API --------------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
@@ -168,8 +178,9 @@ class Generator:
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(ids) + max_new_tokens > self.max_positions:
-            raise InvalidArgumentError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            cap = "the model's context" if self.max_context == self.model_context else "--max-context"
+            raise CapacityError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds {cap} of "
                 f"{self.max_positions} tokens; shorten the prompt or lower max_new_tokens"
             )
         stop = frozenset() if ignore_eos else frozenset(self.bundle.manifest.tokenizer.eos_token_ids)
@@ -181,6 +192,7 @@ class Generator:
         for session in sessions:
             session.reset()
             session.reset_counters()
+        self._reserve(mode, request, shape)
         log = StepLog()
         session_ngram = SessionNgram(self.ngram) if mode in ("staged", "ngram") else None
         if mode == "autoregressive":
@@ -206,6 +218,15 @@ class Generator:
                             session_ngram.seconds if session_ngram else 0.0)
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
+
+    def _reserve(self, mode: str, request: DecodeRequest, shape: TreeShape) -> None:
+        """Allocate the caches once, before any pass: committed tokens plus the largest pass's extra rows (a tree
+        verification for the target; every node and stage-2 chain token of one step's draft calls for the draft)."""
+        tokens = len(request.prompt_ids) + request.max_new_tokens
+        tree_rows = shape.budget + 1 if mode != "autoregressive" else 0
+        self.target.reserve(tokens + tree_rows)
+        if self.draft is not None and mode in ("speculative", "staged"):
+            self.draft.reserve(tokens + shape.depth * shape.width * (shape.depth + 1) + 1)
 
     def _stats(self, mode: str, request: DecodeRequest, tokens: list[int], seconds: float, prefill_seconds: float,
                log: StepLog, shape: TreeShape, draft2_seconds: float) -> GenerationStats:
@@ -256,7 +277,7 @@ def tree_shape(budget: int | None, depth: int | None) -> TreeShape:
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str) -> DecoderSession:
     session, placement = open_session(bundle.graph_path(entry), provider)
-    gather, _ = open_session(bundle.gather_path(entry), placement.name)
+    committer, _ = open_session(bundle.commit_path(entry), placement.name)
     check_graph(session, entry.contract, entry.graph)
-    check_graph(gather, entry.contract.kv_gather(), entry.kv_gather)
-    return DecoderSession(session, gather, entry.contract, placement)
+    check_graph(committer, entry.contract.kv_commit(), entry.kv_commit)
+    return DecoderSession(session, committer, entry.contract, placement)

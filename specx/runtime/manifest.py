@@ -4,8 +4,8 @@ Bundle layout::
 
     <bundle>/manifest.json
              target.onnx (+ target.onnx.data)     decoder graph, see specx.graphs.contract
-             target.kv_gather.onnx                helper graph that commits a subset of KV positions
-             draft.onnx, draft.kv_gather.onnx     when the bundle has a draft
+             target.kv_commit.onnx                helper graph that moves accepted KV rows into place
+             draft.onnx, draft.kv_commit.onnx     when the bundle has a draft
              ngram.npz                            Katz trigram table (draft2), when built
              tokenizer.json
 """
@@ -20,9 +20,9 @@ from typing import Any
 from specx.errors import BundleError
 from specx.graphs.contract import GraphContract
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "int8", "int4")  # int8/int4: MatMulNBits weights, fp32 activations and KV
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,13 @@ class ModelEntry:
     role: str  # "target" | "draft"
     source: str  # what the user passed to `specx export`
     graph: str  # file name inside the bundle
-    kv_gather: str
+    kv_commit: str
     architecture: ArchitectureSpec
     contract: GraphContract
     weight_bytes: int  # bytes of initializers, what one forward pass reads
     parity: dict[str, float] = field(default_factory=dict)  # max_abs_logit_diff, tolerance
     derived_from: str | None = None  # e.g. "self:layers=4" for drafts made from the target
+    quantization: dict[str, Any] | None = None  # weight-only scheme: bits, block_size, accuracy_level, lm_head
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -68,12 +69,13 @@ class ModelEntry:
             role=str(d["role"]),
             source=str(d["source"]),
             graph=str(d["graph"]),
-            kv_gather=str(d["kv_gather"]),
+            kv_commit=str(d["kv_commit"]),
             architecture=ArchitectureSpec.from_dict(d["architecture"]),
             contract=GraphContract.from_dict(d["contract"]),
             weight_bytes=int(d["weight_bytes"]),
             parity=dict(d.get("parity") or {}),
             derived_from=d.get("derived_from"),
+            quantization=d.get("quantization"),
         )
 
 

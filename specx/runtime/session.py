@@ -1,18 +1,18 @@
-"""ONNX Runtime sessions with the KV cache kept on the device.
+"""ONNX Runtime sessions with a static KV cache kept on the device.
 
-One ``DecoderSession`` wraps a decoder graph and its KV-gather helper. Every pass goes through IO binding, on the CPU
+One ``DecoderSession`` wraps a decoder graph and its KV-commit helper. Every pass goes through IO binding, on the CPU
 exactly as on CUDA (only the device string differs), so the tests exercise the GPU code path::
 
-    host                                  device (OrtValues)
+    host                                  device (OrtValues, allocated once per generation, never copied)
     input_ids, position_ids, tree_mask -> bound as inputs (copied in)
-                                          past_key_values.{i}.*  (batch, kv_heads, past, head_dim)
-                                               |  decoder pass
-                                          present.{i}.*          (batch, kv_heads, past+seq, head_dim)
-    logits <- copied out                       |  commit(keep)
-                                          past_key_values.{i}.*  (batch, kv_heads, past+len(keep), head_dim)
+                                          cache.{i}.key/value  (batch, kv_heads, capacity, head_dim)
+                                               |  decoder pass: bound as past AND present; the pass's K/V are
+                                               |  written in place at rows [past_len, past_len + seq)
+    logits <- copied out                       |  commit(keep): the accepted rows move to [past_len, ...) in place
+                                               |  (KV-commit graph: Gather + TensorScatter of the moved rows only)
 
-``commit()`` with no argument keeps every new position (the present becomes the past, no copy); ``commit(keep)``
-keeps the listed new positions (an accepted tree path, in path order) by running the KV-gather graph on the device.
+``commit()`` with no argument keeps every new position (nothing moves); ``commit(keep)`` keeps the listed new
+positions (an accepted tree path, in path order). Rows past ``past_len`` are garbage the next pass overwrites.
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from specx.errors import BundleError, ContractError, InvalidArgumentError, ProviderError
-from specx.graphs.contract import INPUT_IDS, KEEP, LOGITS, METADATA_KEY, POSITION_IDS, TREE_MASK, GraphContract
+from specx.errors import BundleError, CapacityError, ContractError, InvalidArgumentError, ProviderError
+from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, POSITION_IDS, TREE_MASK,
+                                   GraphContract)
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 _QUIET = 4  # ORT logger severity FATAL: silences the expected CUDA probe failure on CPU-only machines
+CACHE_BLOCK = 256  # cache capacities are rounded up to a multiple of this many positions
 
 
 @dataclass(frozen=True)
@@ -112,33 +114,31 @@ def check_graph(session: ort.InferenceSession, contract: GraphContract, graph: s
 
 
 class DecoderSession:
-    """A decoder graph plus its on-device KV cache (batch 1 in decoding; the graphs accept any batch)."""
+    """A decoder graph plus its static on-device KV cache (batch 1 in decoding; the graphs accept any batch).
 
-    def __init__(self, decoder: ort.InferenceSession, gather: ort.InferenceSession, contract: GraphContract,
+    ``reserve(rows)`` allocates the cache before a generation (grown, never shrunk: memory is fixed while
+    generating); a pass beyond the reserved rows is a CapacityError.
+    """
+
+    def __init__(self, decoder: ort.InferenceSession, committer: ort.InferenceSession, contract: GraphContract,
                  placement: Placement, batch: int = 1):
         self.contract = contract
         self.placement = placement
         self.batch = batch
         self._decoder = decoder
-        self._gather_session = gather
+        self._committer = committer
         self._kv_type = _NUMPY_KV[contract.kv_dtype]
-        self._past: list[ort.OrtValue] = []
-        self._present: list[ort.OrtValue] | None = None
+        self._cache: list[ort.OrtValue] = []  # one per past name: (batch, kv_heads, capacity, head_dim)
+        self.capacity = 0
         self.past_len = 0
         self._pending_len = 0
         self.calls = 0
-        self.seconds = 0.0  # wall time inside decoder and gather runs
+        self.seconds = 0.0  # wall time inside decoder and commit runs
         self.reset()
 
     # -- cache lifecycle ---------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Empty the cache (start of a new sequence)."""
-        shape = (self.batch, self.contract.num_kv_heads, 0, self.contract.head_dim)  # (batch, heads, 0, head_dim)
-        self._past = [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_type, self.placement.device, 0)
-            for _ in self.contract.past_input_names
-        ]
-        self._present = None
+        """Empty the cache (start of a new sequence); its buffers are kept."""
         self.past_len = 0
         self._pending_len = 0
 
@@ -146,78 +146,99 @@ class DecoderSession:
         self.calls = 0
         self.seconds = 0.0
 
+    def reserve(self, rows: int) -> None:
+        """Make the cache hold at least ``rows`` rows (rounded up to CACHE_BLOCK). Growing reallocates, so it is
+        allowed on an empty cache only."""
+        if rows <= self.capacity:
+            return
+        if self.past_len:
+            raise InvalidArgumentError("reserve() a larger cache only on an empty cache (call reset() first)")
+        capacity = -(-rows // CACHE_BLOCK) * CACHE_BLOCK
+        shape = (self.batch, self.contract.num_kv_heads, capacity, self.contract.head_dim)
+        self._cache = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_type), self.placement.device, 0)
+            for _ in self.contract.past_input_names
+        ]
+        self.capacity = capacity
+
     # -- passes ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray) -> np.ndarray:
         """Run one pass over new tokens against the committed cache; return logits (batch, seq, vocab) float32.
 
-        The pass's KV stays pending on the device until ``commit``; a second forward without commit discards it.
+        The pass's KV stays pending until ``commit``; a second forward without commit overwrites it.
         """
         seq = input_ids.shape[1]
-        expected_mask = (self.batch, 1, seq, self.past_len + seq)
+        total = self.past_len + seq
+        expected_mask = (self.batch, 1, seq, total)
         if input_ids.shape != (self.batch, seq) or position_ids.shape != input_ids.shape or tree_mask.shape != expected_mask:
             raise InvalidArgumentError(
                 f"pass shapes do not fit the cache: input_ids {input_ids.shape}, position_ids {position_ids.shape}, "
                 f"tree_mask {tree_mask.shape} (expected {expected_mask})"
             )
+        if total > self.capacity:
+            raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
+                                "reserve() enough rows before the first pass")
         io = self._decoder.io_binding()
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         io.bind_cpu_input(TREE_MASK, np.ascontiguousarray(tree_mask, dtype=bool))
-        for name, value in zip(self.contract.past_input_names, self._past):
-            io.bind_ortvalue_input(name, value)
-        io.bind_output(LOGITS, "cpu")
-        for name in self.contract.present_output_names:
-            io.bind_output(name, self.placement.device, 0)
+        io.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
+        for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
+            io.bind_ortvalue_input(past, value)  # (batch, kv_heads, capacity, head_dim), written in place
+            io.bind_ortvalue_output(present, value)
         start = time.perf_counter()
         self._decoder.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        logits = outputs[0].numpy()  # (batch, seq, vocab)
+        logits = io.get_outputs()[0].numpy()  # (batch, seq, vocab)
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        self._present = outputs[1:]  # (batch, kv_heads, past+seq, head_dim) each
         self._pending_len = seq
         return logits
 
     def commit(self, keep: Sequence[int] | np.ndarray | None = None) -> None:
-        """Make the last pass's KV part of the cache: all new positions, or only ``keep`` (indices into the pass)."""
-        if self._present is None:
+        """Make the last pass's KV part of the cache: all new positions, or only ``keep`` (indices into the pass,
+        in path order)."""
+        if not self._pending_len:
             raise InvalidArgumentError("commit() without a forward() pass to commit")
-        present, self._present = self._present, None
+        pending, self._pending_len = self._pending_len, 0
         if keep is None:
-            self._past, self.past_len = present, self.past_len + self._pending_len
+            self.past_len += pending
             return
         keep = np.asarray(keep, dtype=np.int64)
-        if keep.ndim != 1 or np.any(keep < 0) or np.any(keep >= self._pending_len):
-            raise InvalidArgumentError(f"keep indices must lie in [0, {self._pending_len}) for the last pass")
-        self._past = self._gather(present, np.concatenate([np.arange(self.past_len, dtype=np.int64),
-                                                           self.past_len + keep]))
-        self.past_len += int(keep.size)
+        if keep.ndim != 1 or np.any(keep < 0) or np.any(keep >= pending) or np.unique(keep).size != keep.size:
+            raise InvalidArgumentError(f"keep indices must be distinct and lie in [0, {pending}) for the last pass")
+        self._keep_rows(self.past_len, self.past_len + keep)
 
     def select(self, positions: Sequence[int] | np.ndarray) -> None:
         """Keep only the listed committed cache positions, in the order given (on the device)."""
         positions = np.asarray(positions, dtype=np.int64)
-        if positions.ndim != 1 or np.any(positions < 0) or np.any(positions >= self.past_len):
-            raise InvalidArgumentError(f"cache positions must lie in [0, {self.past_len})")
-        if positions.size == self.past_len and np.array_equal(positions, np.arange(self.past_len)):
-            return
-        self._present = None
-        self._past = self._gather(self._past, positions)
-        self.past_len = int(positions.size)
+        if (positions.ndim != 1 or np.any(positions < 0) or np.any(positions >= self.past_len)
+                or np.unique(positions).size != positions.size):
+            raise InvalidArgumentError(f"cache positions must be distinct and lie in [0, {self.past_len})")
+        self._pending_len = 0
+        self._keep_rows(0, positions)
 
-    def _gather(self, values: list[ort.OrtValue], index: np.ndarray) -> list[ort.OrtValue]:
-        """Run the KV-gather graph: every layer's (batch, kv_heads, total, head_dim) -> (..., len(index), ...)."""
-        io = self._gather_session.io_binding()
-        for name, value in zip(self.contract.present_output_names, values):
-            io.bind_ortvalue_input(name, value)
-        io.bind_cpu_input(KEEP, index)
-        for name in self.contract.past_input_names:
-            io.bind_output(name, self.placement.device, 0)
+    def _keep_rows(self, first: int, rows: np.ndarray) -> None:
+        """Rows [0, first) stay; ``rows`` (absolute, in order) become rows first, first + 1, ... Rows already in
+        place are not moved; the others move in one KV-commit run."""
+        target = first + np.arange(rows.size, dtype=np.int64)
+        misplaced = np.flatnonzero(rows != target)
+        if misplaced.size:
+            start = int(misplaced[0])
+            self._move(rows[start:], first + start)
+        self.past_len = first + int(rows.size)
+
+    def _move(self, src: np.ndarray, dst: int) -> None:
+        """Run the KV-commit graph: every layer's rows ``src`` -> rows [dst, dst + len(src)), in place."""
+        io = self._committer.io_binding()
+        for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        io.bind_cpu_input(COMMIT_SRC, np.ascontiguousarray(src, dtype=np.int64))
+        io.bind_cpu_input(COMMIT_DST, np.full(self.batch, dst, dtype=np.int64))
         start = time.perf_counter()
-        self._gather_session.run_with_iobinding(io)
-        outputs = io.get_outputs()
+        self._committer.run_with_iobinding(io)
         self.seconds += time.perf_counter() - start
-        return outputs
 
     def cache_arrays(self) -> list[np.ndarray]:
         """Copy the committed cache to the host (for tests and debugging; never used while decoding)."""
-        return [v.numpy() for v in self._past]
+        return [v.numpy()[:, :, : self.past_len] for v in self._cache]
