@@ -36,6 +36,8 @@ class DType(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     fp16 = "fp16"
+    int8 = "int8"
+    int4 = "int4"
 
 
 def _fail(message: str) -> None:
@@ -60,7 +62,8 @@ def export(
     draft: Optional[str] = typer.Option(None, help="Draft model source, or 'none'. Default: the family's draft "
                                                    "(gpt2 -> distilgpt2); required for other families."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle directory. Default: $SPECX_HOME/<name>."),
-    dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks)."),
+    dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks); int8 / "
+                                                 "int4: weight-only quantized (MatMulNBits, lm_head included), for CPU."),
     opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
     ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for the "
                                                   "n-gram table; 0 for none."),
@@ -101,6 +104,9 @@ def run(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end-of-sequence token."),
     tree_budget: Optional[int] = typer.Option(None, help="Speculative: draft tokens the target verifies per step."),
     tree_depth: Optional[int] = typer.Option(None, help="Speculative: tree depth = draft calls per step."),
+    max_context: Optional[int] = typer.Option(None, help="Cap prompt + new tokens (default: the model's context); "
+                                                         "bounds the KV cache's memory."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text from a bundle, streaming it as it is decided."""
@@ -108,7 +114,8 @@ def run(
         from specx.runtime.bundle import resolve_bundle_dir
         from specx.runtime.generator import Generator
 
-        generator = Generator.load(resolve_bundle_dir(model), provider=provider.value)
+        generator = Generator.load(resolve_bundle_dir(model), provider=provider.value, max_context=max_context,
+                                   threads=threads)
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
                                   tree_budget=tree_budget, tree_depth=tree_depth)
@@ -145,11 +152,14 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
             parity = entry.parity.get("max_abs_logit_diff")
             parity_text = "n/a" if parity is None else f"{parity:.2e}"
             derived = f" (derived: {entry.derived_from})" if entry.derived_from else ""
+            q = entry.quantization
+            quant = (f"  quantized int{q['bits']} {q['method']} block {q['block_size']} accuracy_level "
+                     f"{q['accuracy_level']}{', lm_head too' if q.get('lm_head') else ''}") if q else ""
             typer.echo(
                 f"{entry.role:<8} {entry.source}{derived}  [{a.model_type}, {a.num_layers} layers, hidden "
                 f"{a.hidden_size}, {a.num_heads} heads / {a.num_kv_heads} kv, vocab {a.vocab_size}, context "
                 f"{a.max_positions}, {a.position_encoding} positions]  weights {entry.weight_bytes / 2**20:.1f} MiB"
-                f"  max |logit diff| vs torch {parity_text}"
+                f"  max |logit diff| vs torch {parity_text}{quant}"
             )
         if m.draft is None:
             typer.echo("draft    none")

@@ -25,7 +25,7 @@ from specx.runtime.drafting import TreeShape
 from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.sampling import SamplingConfig
-from specx.runtime.session import DecoderSession, check_graph, open_session
+from specx.runtime.session import DecoderSession, check_graph, default_session_options, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
 # Default tree: a 5-token chain was the fastest shape measured on SmolLM2-135M with a self:int8 draft on a 2-core
@@ -93,12 +93,14 @@ class Generator:
         self.max_context = max_context or context
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, provider: str = "auto", max_context: int | None = None) -> "Generator":
-        """``max_context`` caps prompt + new tokens below the model's context, which also bounds KV memory."""
+    def load(cls, bundle_dir: str | Path, provider: str = "auto", max_context: int | None = None,
+             threads: int | None = None) -> "Generator":
+        """``max_context`` caps prompt + new tokens below the model's context, which also bounds KV memory;
+        ``threads``: ONNX Runtime intra-op threads (default: its own choice, the physical cores)."""
         bundle = Bundle.load(bundle_dir)
         manifest = bundle.manifest
-        target = _decoder(bundle, manifest.target, provider)
-        draft = _decoder(bundle, manifest.draft, target.placement.name) if manifest.draft else None
+        target = _decoder(bundle, manifest.target, provider, threads)
+        draft = _decoder(bundle, manifest.draft, target.placement.name, threads) if manifest.draft else None
         ngram = KatzTrigram.load(bundle.path / manifest.ngram.file, manifest.target.contract.vocab_size) \
             if manifest.ngram else None
         return cls(bundle, target, draft, ngram, max_context)
@@ -275,8 +277,8 @@ def tree_shape(budget: int | None, depth: int | None) -> TreeShape:
     return TreeShape(budget=budget, depth=depth)
 
 
-def _decoder(bundle: Bundle, entry: ModelEntry, provider: str) -> DecoderSession:
-    session, placement = open_session(bundle.graph_path(entry), provider)
+def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None) -> DecoderSession:
+    session, placement = open_session(bundle.graph_path(entry), provider, default_session_options(threads))
     committer, _ = open_session(bundle.commit_path(entry), placement.name)
     check_graph(session, entry.contract, entry.graph)
     check_graph(committer, entry.contract.kv_commit(), entry.kv_commit)

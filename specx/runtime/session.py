@@ -35,7 +35,7 @@ PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 _QUIET = 4  # ORT logger severity FATAL: silences the expected CUDA probe failure on CPU-only machines
-CACHE_BLOCK = 256  # cache capacities are rounded up to a multiple of this many positions
+CACHE_BLOCK = 64  # cache capacities are rounded up to a multiple of this many positions
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,13 @@ def _load(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.
         raise BundleError(f"cannot load graph {path}: {first_line}; re-export the bundle with `specx export`") from exc
 
 
-def default_session_options() -> ort.SessionOptions:
+def default_session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
     return options
 
 
