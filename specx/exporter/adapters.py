@@ -160,12 +160,13 @@ class LlamaAdapter(ArchitectureAdapter):
         for i in range(self.spec.num_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
-            layers.append(LayerWeights(  # nn.Linear weights are (out, in): transposed, q/k/v and gate/up packed
+            layers.append(LayerWeights(  # nn.Linear weights are (out, in): transposed, q/k/v packed
                 attn_norm=Norm(w[p + "input_layernorm.weight"]),
                 qkv=_packed(w, [a + "q_proj", a + "k_proj", a + "v_proj"]),
                 o=_packed(w, [a + "o_proj"]),
                 mlp_norm=Norm(w[p + "post_attention_layernorm.weight"]),
-                up=_packed(w, [m + "gate_proj", m + "up_proj"]),
+                gate=_packed(w, [m + "gate_proj"]),
+                up=_packed(w, [m + "up_proj"]),
                 down=_packed(w, [m + "down_proj"]),
             ))
         cos, sin = _rope_tables(model, self.spec)

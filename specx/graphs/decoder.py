@@ -5,8 +5,8 @@ One graph per model, the contract of ``specx.graphs.contract`` (static KV: past 
 
     input_ids --Gather(embed)--(+ Gather(pos_embed, position_ids): learned positions)--> h
     tree_mask --Where(0, -inf)--> attention_bias       Shape(tree_mask)[3] --> total_sequence_length, seqlens_k
-    layer i:   SkipNorm(h, residual) -> x ---- attention(x) ---> a
-               SkipNorm(a, residual) -> x ---- mlp(x) ---------> h
+    layer i:   SkipNorm(h, residual) -> x ---- attention(x) ---> a      MatMul(qkv), GroupQueryAttention, MatMul(o)
+               SkipNorm(a, residual) -> x ---- mlp(x) ---------> h      MatMul(gate), MatMul(up), act, Mul, MatMul
     SkipNorm(h, residual) -> MatMul(lm_head) -> logits
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
@@ -28,6 +28,7 @@ from specx.runtime.manifest import ArchitectureSpec
 
 MASK_AXIS_TOTAL = 3  # tree_mask (batch, 1, seq, total)
 SILU_ALPHA = 1.0  # QuickGelu(x, alpha) = x * sigmoid(alpha * x); alpha 1 is SiLU
+ROTARY_IN_ATTENTION_MULTIPLE = 16  # GroupQueryAttention's do_rotary needs head_dim % 16 == 0 (CPU kernel)
 
 NormKind = Literal["rms", "layer"]
 MlpKind = Literal["swiglu", "gelu_tanh"]
@@ -52,8 +53,9 @@ class LayerWeights:
     qkv: Linear  # (hidden, (heads + 2 * kv_heads) * head_dim): q, k, v packed in that order
     o: Linear  # (heads * head_dim, hidden)
     mlp_norm: Norm
-    up: Linear  # swiglu: (hidden, 2 * ffn), gate then up packed; gelu: (hidden, ffn)
+    up: Linear  # (hidden, ffn): swiglu's up projection, gelu's fc
     down: Linear  # (ffn, hidden)
+    gate: Linear | None = None  # (hidden, ffn): swiglu only
 
 
 @dataclass(frozen=True)
@@ -173,43 +175,59 @@ def _linear(b: GraphBuilder, prefix: str, linear: Linear, x: str, with_bias: boo
 
 def _attention(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, weights: DecoderWeights, layer: LayerWeights,
                attention: _Attention, x: str) -> str:
-    """Packed QKV, rotary (llama), GroupQueryAttention over the static cache with the tree bias, output proj.
+    """Packed QKV, rotary with the tree's positions (rope families), GroupQueryAttention over the static cache with
+    the tree bias, output projection.
 
-        x -> MatMul(qkv) [+bias] -> Split -> q, k, v        (batch, seq, heads*hd), (batch, seq, kv_heads*hd) x 2
-        q, k -> RotaryEmbedding(position_ids)               rope families only: tree positions, not seqlens
-        GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, attention_bias)
-            -> (batch, seq, heads*hd); present_k/v written in place at [total - seq, total)
+        x -> MatMul(qkv) [+bias] -> qkv                     (batch, seq, (heads + 2 kv_heads) * hd), packed
+        GroupQueryAttention(qkv, -, -, past_k, past_v, seqlens_k, total, cos, sin, position_ids, attention_bias)
+            rotary inside the kernel at position_ids (tree positions, not seqlens) where head_dim % 16 == 0;
+            otherwise Split -> RotaryEmbedding(q), RotaryEmbedding(k) -> GroupQueryAttention(q, k, v, ...)
+            -> (batch, seq, heads*hd); present_k/v written in place at rows [total - seq, total)
         -> MatMul(o_proj)                                   its bias goes to the next SkipNorm
     """
     i = int(prefix.rsplit(".", 1)[1])
-    q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     qkv = _linear(b, f"{prefix}/attn/qkv_proj", layer.qkv, x)
-    sizes = b.constant(_param(prefix, "attn.qkv_sizes"), np.array([q_size, kv_size, kv_size], np.int64))
-    q, k, v = b.op("Split", [qkv, sizes], f"{prefix}/attn/qkv_proj/Split", outputs=3, axis=-1)
+    q, k, v, cos, sin, positions, rotary = qkv, "", "", "", "", "", 0
     if arch.position_encoding == "rope":
         cos = _shared_weight(b, "model.rotary.cos_cache", weights.rope_cos)
         sin = _shared_weight(b, "model.rotary.sin_cache", weights.rope_sin)
-        q = b.op1("RotaryEmbedding", [q, POSITION_IDS, cos, sin], f"{prefix}/attn/q_rotary/RotaryEmbedding",
-                  domain=MS_DOMAIN, num_heads=arch.num_heads, interleaved=0)
-        k = b.op1("RotaryEmbedding", [k, POSITION_IDS, cos, sin], f"{prefix}/attn/k_rotary/RotaryEmbedding",
-                  domain=MS_DOMAIN, num_heads=arch.num_kv_heads, interleaved=0)
+        if arch.head_dim % ROTARY_IN_ATTENTION_MULTIPLE == 0:
+            positions, rotary = POSITION_IDS, 1
+        else:
+            q, k, v = _split_rotary(b, prefix, arch, qkv, cos, sin)
+            cos = sin = ""
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
     out, present_k, present_v = b.op(
         "GroupQueryAttention",
-        [q, k, v, past_k, past_v, attention.seqlens_k, attention.total_length, "", "", "", attention.bias],
+        [q, k, v, past_k, past_v, attention.seqlens_k, attention.total_length, cos, sin, positions, attention.bias],
         f"{prefix}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, num_heads=arch.num_heads,
-        kv_num_heads=arch.num_kv_heads, scale=float(arch.head_dim ** -0.5))
+        kv_num_heads=arch.num_kv_heads, scale=float(arch.head_dim ** -0.5), do_rotary=rotary, rotary_interleaved=0)
     b.rename_output(present_k, f"present.{i}.key")
     b.rename_output(present_v, f"present.{i}.value")
     return _linear(b, f"{prefix}/attn/o_proj", layer.o, out, with_bias=False)
 
 
+def _split_rotary(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, qkv: str, cos: str,
+                  sin: str) -> tuple[str, str, str]:
+    """qkv -> Split -> RotaryEmbedding(q), RotaryEmbedding(k), v: for head sizes the fused kernel does not take."""
+    q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    sizes = b.constant(_param(prefix, "attn.qkv_sizes"), np.array([q_size, kv_size, kv_size], np.int64))
+    q, k, v = b.op("Split", [qkv, sizes], f"{prefix}/attn/qkv_proj/Split", outputs=3, axis=-1)
+    q = b.op1("RotaryEmbedding", [q, POSITION_IDS, cos, sin], f"{prefix}/attn/q_rotary/RotaryEmbedding",
+              domain=MS_DOMAIN, num_heads=arch.num_heads, interleaved=0)
+    k = b.op1("RotaryEmbedding", [k, POSITION_IDS, cos, sin], f"{prefix}/attn/k_rotary/RotaryEmbedding",
+              domain=MS_DOMAIN, num_heads=arch.num_kv_heads, interleaved=0)
+    return q, k, v
+
+
 def _mlp(b: GraphBuilder, prefix: str, family: DecoderFamily, layer: LayerWeights, x: str) -> str:
-    """swiglu: MatMul(gate|up) -> Split -> QuickGelu(gate, 1) * up -> MatMul(down)
+    """swiglu: MatMul(gate), MatMul(up) -> QuickGelu(gate, 1) * up -> MatMul(down)
     gelu_tanh: MatMul(fc) -> FastGelu(+bias) -> MatMul(proj); down's bias goes to the next SkipNorm."""
     if family.mlp == "swiglu":
-        gate_up = _linear(b, f"{prefix}/gate_up_proj", layer.up, x)
-        gate, up = b.op("Split", [gate_up], f"{prefix}/gate_up_proj/Split", outputs=2, axis=-1, num_outputs=2)
+        if layer.gate is None:
+            raise ValueError("a swiglu MLP needs gate weights")
+        gate = _linear(b, f"{prefix}/gate_proj", layer.gate, x)
+        up = _linear(b, f"{prefix}/up_proj", layer.up, x)
         act = b.op1("QuickGelu", [gate], f"{prefix}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=SILU_ALPHA)
         h = b.op1("Mul", [act, up], f"{prefix}/Mul")
     else:

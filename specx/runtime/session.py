@@ -35,6 +35,7 @@ PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 _QUIET = 4  # ORT logger severity FATAL: silences the expected CUDA probe failure on CPU-only machines
+REUSED_LOGITS_ROWS = 64  # logits buffers of passes up to this many rows are kept for reuse
 CACHE_BLOCK = 64  # cache capacities are rounded up to a multiple of this many positions
 
 
@@ -133,6 +134,8 @@ class DecoderSession:
         self._committer = committer
         self._kv_type = _NUMPY_KV[contract.kv_dtype]
         self._cache: list[ort.OrtValue] = []  # one per past name: (batch, kv_heads, capacity, head_dim)
+        self._binding: ort.IOBinding | None = None  # the decoder's binding: the cache bound once per allocation
+        self._logits: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}  # seq -> host logits buffer
         self.capacity = 0
         self.past_len = 0
         self._pending_len = 0
@@ -164,6 +167,10 @@ class DecoderSession:
             for _ in self.contract.past_input_names
         ]
         self.capacity = capacity
+        self._binding = self._decoder.io_binding()
+        for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
+            self._binding.bind_ortvalue_input(past, value)  # (batch, kv_heads, capacity, head_dim), written in place
+            self._binding.bind_ortvalue_output(present, value)
 
     # -- passes ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray) -> np.ndarray:
@@ -182,21 +189,29 @@ class DecoderSession:
         if total > self.capacity:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
-        io = self._decoder.io_binding()
+        io = self._binding
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         io.bind_cpu_input(TREE_MASK, np.ascontiguousarray(tree_mask, dtype=bool))
-        io.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
-        for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
-            io.bind_ortvalue_input(past, value)  # (batch, kv_heads, capacity, head_dim), written in place
-            io.bind_ortvalue_output(present, value)
+        host, value = self._logits_buffer(seq)
+        io.bind_ortvalue_output(LOGITS, value)
         start = time.perf_counter()
         self._decoder.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()  # (batch, seq, vocab)
+        logits = host.copy()  # (batch, seq, vocab); the buffer is reused by the next pass of this length
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self._pending_len = seq
         return logits
+
+    def _logits_buffer(self, seq: int) -> tuple[np.ndarray, ort.OrtValue]:
+        """A host array the pass writes its logits into (an OrtValue over the array's memory, no extra copy)."""
+        if seq in self._logits:
+            return self._logits[seq]
+        host = np.empty((self.batch, seq, self.contract.vocab_size), dtype=np.float32)
+        buffer = (host, ort.OrtValue.ortvalue_from_numpy(host, "cpu", 0))
+        if seq <= REUSED_LOGITS_ROWS:  # steps and trees; a long prompt's buffer is not kept
+            self._logits[seq] = buffer
+        return buffer
 
     def commit(self, keep: Sequence[int] | np.ndarray | None = None) -> None:
         """Make the last pass's KV part of the cache: all new positions, or only ``keep`` (indices into the pass,
