@@ -34,6 +34,21 @@ def llama_dir(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_hd8_dir(models_dir: Path) -> Path:
+    """Tied head, MHA, head_dim 8: the graph applies rotary in RotaryEmbedding nodes (the fused kernel needs 16k)."""
+    return tiny_models.save_llama(models_dir / "tiny-llama-hd8", hidden=32, heads=4, kv_heads=4, tied=True, seed=4)
+
+
+@pytest.fixture(scope="session")
+def llama_hd8_bundle(tmp_path_factory: pytest.TempPathFactory, llama_hd8_dir: Path) -> Path:
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama-hd8"
+    return export_bundle(ExportRequest(str(llama_hd8_dir), draft="self:layers=1", output=out, dtype="fp32",
+                                      ngram_tokens=0))
+
+
+@pytest.fixture(scope="session")
 def gpt2_bundle(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path, gpt2_draft_dir: Path) -> Path:
     from specx.exporter.pipeline import ExportRequest, export_bundle
 

@@ -34,13 +34,6 @@ def _graph(bundle: Path, role: str = "target") -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def llama_tied_mha_bundle(tmp_path_factory, models_dir) -> Path:
-    src = tiny_models.save_llama(models_dir / "tiny-llama-tied-mha", tied=True, kv_heads=4, seed=4)
-    return export_bundle(ExportRequest(str(src), draft="none", output=tmp_path_factory.mktemp("b") / "mha",
-                                       dtype="fp32", ngram_tokens=0))
-
-
-@pytest.fixture(scope="module")
 def int4_bundle(tmp_path_factory, llama_dir) -> Path:
     """An int4 target with a shallow draft that inherits the bundle's int4 quantization."""
     return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path_factory.mktemp("b") / "q4",
@@ -53,7 +46,7 @@ def int8_bundle(tmp_path_factory, llama_dir) -> Path:
                                        dtype="int8", ngram_tokens=0))
 
 
-@pytest.mark.parametrize("name", ["gpt2_bundle", "llama_bundle", "llama_tied_mha_bundle"])
+@pytest.mark.parametrize("name", ["gpt2_bundle", "llama_bundle", "llama_hd8_bundle"])
 def test_graph_is_fused(request, name):
     bundle = request.getfixturevalue(name)
     graph = _graph(bundle)
@@ -66,12 +59,31 @@ def test_graph_is_fused(request, name):
     assert all(n.name for n in graph.graph.node)  # every node named by the rule
 
 
-@pytest.mark.parametrize("name", ["gpt2_bundle", "llama_bundle", "llama_tied_mha_bundle"])
+@pytest.mark.parametrize("name", ["gpt2_bundle", "llama_bundle", "llama_hd8_bundle"])
 def test_parity_with_pytorch_is_recorded(request, name):
-    """gpt2 (MHA, tied), llama (GQA, untied), llama (MHA, tied): validated at export on a random tree after a past."""
+    """gpt2 (MHA, tied), llama (GQA, untied; rotary in the attention kernel), llama (MHA, tied, head_dim 8; rotary
+    in RotaryEmbedding nodes): validated at export on a random tree after a past; the draft too."""
     manifest = json.loads((request.getfixturevalue(name) / "manifest.json").read_text())
-    parity = manifest["target"]["parity"]
-    assert 0 < parity["max_abs_logit_diff"] <= parity["tolerance"]
+    for entry in filter(None, (manifest["target"], manifest["draft"])):
+        parity = entry["parity"]
+        assert 0 < parity["max_abs_logit_diff"] <= parity["tolerance"]
+
+
+def test_rotary_placement_follows_the_head_size(llama_bundle, llama_hd8_bundle):
+    fused = Counter(n.op_type for n in _graph(llama_bundle).graph.node)
+    separate = Counter(n.op_type for n in _graph(llama_hd8_bundle).graph.node)
+    assert fused["RotaryEmbedding"] == 0 and fused["Split"] == 0
+    assert separate["RotaryEmbedding"] == 2 * separate["GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (6, 3)])
+def test_separate_rotary_speculation_equals_plain_decoding(llama_hd8_bundle, shape):
+    gen = Generator.load(llama_hd8_bundle, provider="cpu")
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=24, ignore_eos=True, mode="autoregressive").tokens
+        fast = gen.generate(prompt, max_new_tokens=24, ignore_eos=True, mode="speculative", tree_budget=shape[0],
+                            tree_depth=shape[1]).tokens
+        assert fast == plain
 
 
 def test_cache_buffers_stay_put_while_generating(gpt2_same_draft_bundle):

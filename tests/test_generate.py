@@ -15,9 +15,9 @@ from specx.runtime import Generator
 PROMPTS = ["def f12(x):", "the quick brown fox", "print list dict value", "one two three"]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def pair(request, gpt2_bundle, gpt2_dir, llama_bundle, llama_dir):
-    bundle, hf_dir = (gpt2_bundle, gpt2_dir) if request.param == "gpt2" else (llama_bundle, llama_dir)
+@pytest.fixture(scope="module", params=["gpt2", "llama", "llama_hd8"])
+def pair(request):
+    bundle, hf_dir = (request.getfixturevalue(f"{request.param}_{kind}") for kind in ("bundle", "dir"))
     return Generator.load(bundle, provider="cpu"), AutoModelForCausalLM.from_pretrained(hf_dir).eval(), hf_dir
 
 
@@ -26,9 +26,9 @@ def test_greedy_equals_transformers_generate(pair, prompt):
     gen, model, hf_dir = pair
     ids = AutoTokenizer.from_pretrained(hf_dir)(prompt, return_tensors="pt").input_ids
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id, config.do_sample, config.max_new_tokens = None, False, 48  # decode past EOS, as ignore_eos
+    config.do_sample, config.max_new_tokens = False, 48  # EOS: None passed to generate() (a config field is refilled)
     with torch.no_grad():
-        ref = model.generate(ids, generation_config=config)[0, ids.shape[1]:].tolist()
+        ref = model.generate(ids, generation_config=config, eos_token_id=None)[0, ids.shape[1]:].tolist()
     result = gen.generate(prompt, max_new_tokens=48, ignore_eos=True, mode="autoregressive")
     assert result.tokens == ref
     assert len(set(ref)) > 3  # the model is not degenerate: the comparison means something
