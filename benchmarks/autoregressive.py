@@ -28,8 +28,11 @@ from specx.runtime.tree import chain  # noqa: E402
 
 def bare_ort_loop(session: ort.InferenceSession, past_names: list[str], kv_shape: tuple, prompt_ids: list[int],
                   new_tokens: int) -> tuple[list[int], float]:
-    """The simplest correct decode loop over the same graph: session.run with numpy feeds, greedy."""
+    """The simplest correct decode loop over the same graph: session.run with numpy feeds, greedy. The static cache
+    (capacity = prompt + new tokens) goes in as numpy and comes back as the present outputs (not shared: a copy)."""
     start = time.perf_counter()
+    capacity = len(prompt_ids) + new_tokens
+    kv_shape = kv_shape[:2] + (capacity,) + kv_shape[3:]  # (1, kv_heads, capacity, head_dim)
     past = {name: np.zeros(kv_shape, dtype=np.float32) for name in past_names}
     ids = np.asarray([prompt_ids], dtype=np.int64)
     length, out_tokens = 0, []

@@ -98,9 +98,13 @@ def _load(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.
         raise BundleError(f"cannot load graph {path}: {first_line}; re-export the bundle with `specx export`") from exc
 
 
-def default_session_options(threads: int | None = None) -> ort.SessionOptions:
+def default_session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False`` when several sessions take turns (target and draft): an idle session's spinning threads
+    would otherwise hold the cores the running one needs."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         if threads < 1:
             raise InvalidArgumentError(f"threads must be >= 1, got {threads}")

@@ -15,11 +15,14 @@ A prompt (or any token run) is the chain ``parents = [-1, 0, 1, ...]``, whose ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from specx.errors import InvalidArgumentError
+
+CHAIN_CACHE = 128  # chains of distinct lengths kept built
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,10 @@ def build_tree(parents: np.ndarray | list[int]) -> Tree:
     return Tree(parents=p, depth=depth, mask=mask)
 
 
+@functools.lru_cache(maxsize=CHAIN_CACHE)
 def chain(n: int) -> Tree:
-    """A straight run of ``n`` tokens (a prompt, or a draft chain): causal mask, depths 0..n-1."""
+    """A straight run of ``n`` tokens (a prompt, or a draft chain): causal mask, depths 0..n-1. Trees are
+    immutable, so the common short chains are built once (one per decode step otherwise)."""
     if n < 1:
         raise InvalidArgumentError("a chain needs at least one token")
     return build_tree(np.arange(-1, n - 1))
