@@ -124,6 +124,7 @@ def main() -> None:
     kv_shape = (1, contract.num_kv_heads, 0, contract.head_dim)
 
     prompts = load_prompts(args.prompts)
+    gen.generate(prompts[0]["prompt"], max_new_tokens=16, ignore_eos=True)  # warm-up (untimed), as for transformers
     hf_model = None
     if not args.skip_transformers:
         hf_model = load_transformers(source)

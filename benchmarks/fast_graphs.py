@@ -5,8 +5,8 @@ side with onnxruntime-genai builds of the same model.
     python benchmarks/fast_graphs.py --bundle DIR [--bundle DIR ...] [--genai DIR ...] [--prompts 24]
                                      [--new-tokens 128] [--json out.json]
 
---bundle: specx bundles (e.g. fp32 and int4 exports of SmolLM2-135M-Instruct); the step figures are measured on the
-first one. --genai: onnxruntime-genai model folders (benchmarks/peers/setup-genai.sh builds them; decoded by
+--bundle: specx bundles (e.g. fp32 and int4 exports of SmolLM2-135M-Instruct); step figures for each (the bandwidth
+floor streams the bundle's own weight bytes as fp32: the fp32 floor). --genai: onnxruntime-genai model folders (benchmarks/peers/setup-genai.sh builds them; decoded by
 benchmarks/peers/genai_decode.py in the peers' own venv, --genai-python). Every session uses --threads intra-op
 threads (default 2). Medians of --repeats timings after --warmup untimed ones.
 """
@@ -146,11 +146,11 @@ def main() -> None:
     prompts = load_prompts(args.prompts)
     report: dict = {"machine": {**machine(), "threads": args.threads}, "prompts": len(prompts),
                     "new_tokens": args.new_tokens, "bundles": {}, "peers": {}}
-    for i, bundle in enumerate(args.bundle):
+    for bundle in args.bundle:
         gen = Generator.load(bundle, provider="cpu", threads=args.threads)
         entry = gen.bundle.manifest.target
         figures: dict = {"dtype": gen.bundle.manifest.dtype, "weight_bytes": entry.weight_bytes}
-        if i == 0 and not args.skip_steps:
+        if not args.skip_steps:
             floor = bandwidth_floor(entry.weight_bytes, entry.architecture.hidden_size, args.threads, args.warmup,
                                     args.repeats)
             figures.update(step_figures(gen, args.warmup, args.repeats), floor_ms=floor * 1e3)
