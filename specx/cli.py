@@ -103,7 +103,10 @@ def run(
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past the end-of-sequence token."),
     tree_budget: Optional[int] = typer.Option(None, help="Speculative: draft tokens the target verifies per step."),
-    tree_depth: Optional[int] = typer.Option(None, help="Speculative: tree depth = draft calls per step."),
+    tree_depth: Optional[int] = typer.Option(None, help="Speculative: tree depth = draft calls per step at most."),
+    tree_threshold: Optional[float] = typer.Option(None, help="Speculative: stop drafting a step once the best path "
+                                                              "probability falls below this (0 = fixed depth; default "
+                                                              "0.1 greedy, 0.5 sampling)."),
     max_context: Optional[int] = typer.Option(None, help="Cap prompt + new tokens (default: the model's context); "
                                                          "bounds the KV cache's memory."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
@@ -118,7 +121,7 @@ def run(
                                    threads=threads)
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                                  tree_budget=tree_budget, tree_depth=tree_depth)
+                                  tree_budget=tree_budget, tree_depth=tree_depth, tree_threshold=tree_threshold)
         for piece in stream:
             if not as_json:
                 sys.stdout.write(piece)

@@ -10,6 +10,7 @@ import pytest
 
 from specx.errors import InvalidArgumentError
 from specx.runtime import Generator
+from specx.runtime.generator import GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD
 from specx.runtime.decoding import feed
 from specx.runtime.drafting import TreeShape, grow_tree
 from tests.helpers import assert_first_two_tokens_follow_the_model
@@ -50,7 +51,7 @@ def test_identical_draft_reaches_depth_plus_one(generators, budget, depth):
     gen = generators["gpt2_same_draft_bundle"]
     steps = 6
     s = gen.generate("one two", max_new_tokens=steps * (depth + 1), ignore_eos=True, mode="speculative",
-                     tree_budget=budget, tree_depth=depth).stats
+                     tree_budget=budget, tree_depth=depth, tree_threshold=0.0).stats
     assert s.tokens_per_target_call == depth + 1
     assert s.accepted_histogram == [0] * depth + [steps]
 
@@ -78,10 +79,32 @@ def test_weight_bytes_ratio(generators):
 
 def test_draft_calls_per_step_equal_depth(generators):
     gen = generators["gpt2_bundle"]
-    s = gen.generate("one two", max_new_tokens=30, ignore_eos=True, tree_budget=9, tree_depth=3).stats
+    s = gen.generate("one two", max_new_tokens=30, ignore_eos=True, tree_budget=9, tree_depth=3,
+                     tree_threshold=0.0).stats
     steps = sum(s.accepted_histogram)
     # one draft call per level; in the last steps the tree is cut to the tokens still wanted, never deeper
     assert (steps - 3) * 3 <= s.draft_calls <= steps * 3
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9])
+def test_adaptive_depth_drafts_less_and_stays_exact(generators, threshold):
+    gen = generators["gpt2_bundle"]
+    for prompt in PROMPTS:
+        fixed = gen.generate(prompt, max_new_tokens=30, ignore_eos=True, tree_budget=8, tree_depth=8,
+                             tree_threshold=0.0)
+        adaptive = gen.generate(prompt, max_new_tokens=30, ignore_eos=True, tree_budget=8, tree_depth=8,
+                                tree_threshold=threshold)
+        assert adaptive.tokens == fixed.tokens
+        assert adaptive.stats.draft_calls / adaptive.stats.target_calls < fixed.stats.draft_calls / fixed.stats.target_calls
+        assert adaptive.stats.tree_threshold == threshold and adaptive.stats.draft_calls_saved > 0
+
+
+def test_default_threshold_depends_on_sampling(generators):
+    gen = generators["gpt2_bundle"]
+    assert gen.generate("one", max_new_tokens=3).stats.tree_threshold == GREEDY_TREE_THRESHOLD
+    assert gen.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.tree_threshold == SAMPLING_TREE_THRESHOLD
+    with pytest.raises(InvalidArgumentError, match="threshold"):
+        gen.generate("one", max_new_tokens=3, tree_threshold=1.5)
 
 
 def test_sampling_same_seed_same_tokens(generators):

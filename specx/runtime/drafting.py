@@ -7,7 +7,8 @@ overall form the tree the target verifies; a child's value never exceeds its par
 
     call 0   draft(pending tokens ... root)                 root processed -> its children
     call 1   draft(frontier, tree mask)                     frontier processed -> their children
-    ...      (at most `depth` calls; fewer when stage 2 covers several levels per call)
+    ...      (at most `depth` calls; fewer when stage 2 covers several levels per call, or when the best
+             frontier value falls below the shape's threshold: adaptive depth, EAGLE-2's idea)
     keep the `budget` best nodes by value, parents before children
 
 Stage 2 (staged decoding): a cheap proposer (the n-gram model) suggests a continuation chain below each frontier
@@ -39,12 +40,15 @@ Proposer = Callable[[Sequence[int], int], Sequence[int]]
 class TreeShape:
     budget: int  # non-root nodes the target verifies per step
     depth: int  # maximum depth below the root = maximum draft calls per step
+    threshold: float = 0.0  # adaptive depth: stop drafting once the best unprocessed path value falls below this
 
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise InvalidArgumentError(f"tree depth must be >= 1, got {self.depth}")
         if self.budget < self.depth:
             raise InvalidArgumentError(f"tree budget ({self.budget}) must be at least the depth ({self.depth})")
+        if not 0.0 <= self.threshold < 1.0:
+            raise InvalidArgumentError(f"tree threshold must lie in [0, 1), got {self.threshold}")
 
     @property
     def width(self) -> int:
@@ -53,7 +57,7 @@ class TreeShape:
 
     def limited(self, depth: int) -> "TreeShape":
         depth = max(1, min(self.depth, depth))
-        return TreeShape(budget=max(depth, min(self.budget, depth * self.width)), depth=depth)
+        return TreeShape(budget=max(depth, min(self.budget, depth * self.width)), depth=depth, threshold=self.threshold)
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def grow_tree(draft: DecoderSession, pending: np.ndarray, shape: TreeShape, prop
     growth.process(0, root_pos, logits[0, -1])
     for _ in range(1, shape.depth):
         frontier = growth.frontier()
-        if not frontier:
+        if not frontier or growth.values[frontier[0]] < shape.threshold:  # adaptive depth: not worth a draft call
             break
         chains = _propose(growth, frontier, proposer, context, stage_two)
         _draft_call(draft, growth, frontier, chains, stage_two)

@@ -28,10 +28,13 @@ from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, check_graph, default_session_options, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
-# Default tree: a 5-token chain was the fastest shape measured on SmolLM2-135M with a self:int8 draft on a 2-core
-# CPU (a 10x5 tree of the same depth, i.e. the same draft calls, was slower): docs/benchmarks.md.
-DEFAULT_TREE_BUDGET = 5
-DEFAULT_TREE_DEPTH = 5
+# Default tree: an 8-token chain with adaptive depth was the fastest shape measured on SmolLM2-135M with a self:int8
+# draft on a 2-core CPU (greedy 1.32x vs 1.25x for a fixed 5-token chain; sampling at T=1 0.58x -> 0.77x with the
+# higher threshold): docs/benchmarks.md. Drafting stops once the best unprocessed path value falls below the threshold.
+DEFAULT_TREE_BUDGET = 8
+DEFAULT_TREE_DEPTH = 8
+GREEDY_TREE_THRESHOLD = 0.1
+SAMPLING_TREE_THRESHOLD = 0.5
 
 
 @dataclass
@@ -53,9 +56,10 @@ class GenerationStats:
     weight_bytes_ratio: float = 1.0  # weight bytes read per token relative to plain decoding
     tree_budget: int = 0
     tree_depth: int = 0
+    tree_threshold: float = 0.0
     draft2_proposed: int = 0  # tokens the n-gram model proposed
     draft2_accepted: int = 0  # of those, tokens the draft (staged) or the target (ngram mode) kept
-    draft_calls_saved: int = 0  # draft calls stage 2 made unnecessary
+    draft_calls_saved: int = 0  # draft calls below depth-per-step: saved by stage-2 chains and adaptive depth
     draft2_seconds: float = 0.0  # time spent in n-gram proposals
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,10 +130,10 @@ class Generator:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False, tree_budget: int | None = None,
-                 tree_depth: int | None = None) -> GenerationResult:
+                 tree_depth: int | None = None, tree_threshold: float | None = None) -> GenerationResult:
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
-                             tree_depth=tree_depth)
+                             tree_depth=tree_depth, tree_threshold=tree_threshold)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
@@ -138,11 +142,13 @@ class Generator:
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                ignore_eos: bool = False, tree_budget: int | None = None,
-               tree_depth: int | None = None) -> TextStream:
+               tree_depth: int | None = None, tree_threshold: float | None = None) -> TextStream:
         """Validate everything up front, then return a stream of text pieces (nothing runs until iterated)."""
         mode = self._resolve_mode(mode)
         request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
-        shape = tree_shape(tree_budget, tree_depth)
+        if tree_threshold is None:
+            tree_threshold = GREEDY_TREE_THRESHOLD if temperature == 0 else SAMPLING_TREE_THRESHOLD
+        shape = tree_shape(tree_budget, tree_depth, tree_threshold)
         stream = TextStream(iter(()))
         stream._pieces = self._run(mode, request, shape, stream)
         return stream
@@ -266,18 +272,19 @@ class Generator:
             if new else 0.0,
             tree_budget=shape.budget if tree_mode else 0,
             tree_depth=shape.depth if tree_mode else 0,
+            tree_threshold=shape.threshold if tree_mode else 0.0,
             draft2_proposed=log.stage_two.proposed,
             draft2_accepted=log.stage_two.accepted,
-            draft_calls_saved=max(0, log.planned_draft_calls - draft_calls) if mode == "staged" else 0,
+            draft_calls_saved=max(0, log.planned_draft_calls - draft_calls) if uses_draft else 0,
             draft2_seconds=draft2_seconds,
         )
 
 
-def tree_shape(budget: int | None, depth: int | None) -> TreeShape:
+def tree_shape(budget: int | None, depth: int | None, threshold: float = 0.0) -> TreeShape:
     """The tree for a step: defaults where not given; a budget never below the depth unless asked for."""
     depth = DEFAULT_TREE_DEPTH if depth is None else depth
     budget = max(DEFAULT_TREE_BUDGET, depth) if budget is None else budget
-    return TreeShape(budget=budget, depth=depth)
+    return TreeShape(budget=budget, depth=depth, threshold=threshold)
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,
