@@ -110,6 +110,8 @@ def run(
     max_context: Optional[int] = typer.Option(None, help="Cap prompt + new tokens (default: the model's context); "
                                                          "bounds the KV cache's memory."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
+    chat: bool = typer.Option(False, "--chat", help="Format the prompt as a user message with the bundle's chat "
+                                                    "template (instruct models)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text from a bundle, streaming it as it is decided."""
@@ -121,7 +123,8 @@ def run(
                                    threads=threads)
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                                  tree_budget=tree_budget, tree_depth=tree_depth, tree_threshold=tree_threshold)
+                                  tree_budget=tree_budget, tree_depth=tree_depth, tree_threshold=tree_threshold,
+                                  chat=chat)
         for piece in stream:
             if not as_json:
                 sys.stdout.write(piece)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from specx.errors import CapacityError, InvalidArgumentError
 from specx.runtime.bundle import Bundle
+from specx.runtime.chat import Messages, render_chat
 from specx.runtime.decoding import DecodeRequest, ModelDrafter, NgramDrafter, StepLog, autoregressive, speculative
 from specx.runtime.drafting import TreeShape
 from specx.runtime.ngram import KatzTrigram, SessionNgram
@@ -127,24 +128,30 @@ class Generator:
         return self.max_context
 
     # -- public API --------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
+    def generate(self, prompt: str | Sequence[int] | Messages, max_new_tokens: int = 128, mode: str = "auto",
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False, tree_budget: int | None = None,
-                 tree_depth: int | None = None, tree_threshold: float | None = None) -> GenerationResult:
+                 tree_depth: int | None = None, tree_threshold: float | None = None,
+                 chat: bool = False) -> GenerationResult:
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
-                             tree_depth=tree_depth, tree_threshold=tree_threshold)
+                             tree_depth=tree_depth, tree_threshold=tree_threshold, chat=chat)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
         return stream.result
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, mode: str = "auto",
+    def stream(self, prompt: str | Sequence[int] | Messages, max_new_tokens: int = 128, mode: str = "auto",
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                ignore_eos: bool = False, tree_budget: int | None = None,
-               tree_depth: int | None = None, tree_threshold: float | None = None) -> TextStream:
-        """Validate everything up front, then return a stream of text pieces (nothing runs until iterated)."""
+               tree_depth: int | None = None, tree_threshold: float | None = None, chat: bool = False) -> TextStream:
+        """Validate everything up front, then return a stream of text pieces (nothing runs until iterated).
+
+        ``chat=True`` (or a list of {"role", "content"} messages as the prompt) formats the prompt with the bundle's
+        chat template, as transformers' apply_chat_template(add_generation_prompt=True) does."""
         mode = self._resolve_mode(mode)
+        if chat or (not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping)):
+            prompt = self.chat_prompt_ids(prompt)
         request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
         if tree_threshold is None:
             tree_threshold = GREEDY_TREE_THRESHOLD if temperature == 0 else SAMPLING_TREE_THRESHOLD
@@ -152,6 +159,16 @@ class Generator:
         stream = TextStream(iter(()))
         stream._pieces = self._run(mode, request, shape, stream)
         return stream
+
+    def chat_prompt_ids(self, conversation: str | Messages) -> list[int]:
+        """Token ids of a conversation (a user message as a string, or messages) under the bundle's chat template."""
+        template = self.bundle.manifest.tokenizer.chat_template
+        if template is None:
+            raise InvalidArgumentError(f"bundle {self.bundle.path.name} has no chat template; drop --chat / chat=True "
+                                       "and pass the prompt as plain text")
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+        text = render_chat(template, messages, self.bundle.manifest.tokenizer.special_tokens)
+        return self.bundle.tokenizer.encode(text, add_special_tokens=False).ids
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _resolve_mode(self, mode: str) -> str:

@@ -1,0 +1,85 @@
+"""Chat prompts: the bundle's template renders and tokenizes exactly as transformers' apply_chat_template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from specx.errors import InvalidArgumentError
+from specx.exporter.pipeline import ExportRequest, export_bundle
+from specx.runtime import Generator
+from tests import tiny_models
+from tests.test_cli import _ok
+
+# A ChatML template with a default system turn, loop variables, a filter and an error path: the constructs that
+# real instruct templates (SmolLM2's among them) use.
+TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<s>system\nYou are a helpful assistant.</s>\n' }}{% endif %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
+    "{{ '<s>' + message['role'] + '\n' + message['content'] | trim + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "one two three"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "def f1(x):  "}],
+    [{"role": "user", "content": "the quick"}, {"role": "assistant", "content": "brown fox"},
+     {"role": "user", "content": "jumps over"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(models_dir: Path) -> Path:
+    path = tiny_models.save_llama(models_dir / "tiny-llama-chat", layers=1, seed=6)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_bundle(tmp_path_factory, chat_model) -> Path:
+    return export_bundle(ExportRequest(str(chat_model), draft="none", output=tmp_path_factory.mktemp("b") / "chat",
+                                       dtype="fp32", ngram_tokens=0))
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_chat_prompt_equals_transformers(chat_model, chat_bundle, conversation):
+    expected = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(conversation, add_generation_prompt=True,
+                                                                             tokenize=True, return_dict=False)
+    gen = Generator.load(chat_bundle, provider="cpu")
+    assert gen.chat_prompt_ids(conversation) == list(expected)
+
+
+def test_chat_flag_wraps_a_string_as_a_user_message(chat_bundle):
+    gen = Generator.load(chat_bundle, provider="cpu")
+    as_flag = gen.generate("one two three", chat=True, max_new_tokens=5, ignore_eos=True)
+    as_messages = gen.generate(CONVERSATIONS[0], max_new_tokens=5, ignore_eos=True)
+    plain = gen.generate("one two three", max_new_tokens=5, ignore_eos=True)
+    assert as_flag.tokens == as_messages.tokens
+    assert as_flag.stats.prompt_tokens > plain.stats.prompt_tokens
+
+
+def test_chat_without_a_template_is_an_error(llama_bundle):
+    gen = Generator.load(llama_bundle, provider="cpu")
+    with pytest.raises(InvalidArgumentError, match="no chat template"):
+        gen.generate("one", chat=True, max_new_tokens=2)
+
+
+def test_bad_messages_are_errors(chat_bundle):
+    gen = Generator.load(chat_bundle, provider="cpu")
+    with pytest.raises(InvalidArgumentError, match="role"):
+        gen.generate([{"role": "robot", "content": "hi"}], max_new_tokens=2)
+    with pytest.raises(InvalidArgumentError, match="'role' and 'content'"):
+        gen.generate([{"content": "hi"}], max_new_tokens=2)
+
+
+def test_cli_chat(chat_bundle):
+    out = json.loads(_ok(["run", "--model", str(chat_bundle), "--prompt", "one two", "--chat", "--max-new-tokens",
+                          "3", "--json"]).stdout)
+    assert out["stats"]["new_tokens"] >= 1 and out["stats"]["prompt_tokens"] > 10
