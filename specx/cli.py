@@ -144,6 +144,50 @@ def run(
 
 
 @app.command()
+def chat(
+    model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME (needs a chat template)."),
+    system: Optional[str] = typer.Option(None, help="A system message that opens the conversation."),
+    max_new_tokens: int = typer.Option(256, help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
+    mode: Mode = typer.Option(Mode.auto, help="Decoding mode (auto picks the best the bundle supports)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+) -> None:
+    """Talk to an instruct model: each answer streams as it is decided; earlier turns stay in the KV cache."""
+    with _user_errors():
+        from specx.runtime.bundle import resolve_bundle_dir
+        from specx.runtime.generator import Generator
+
+        generator = Generator.load(resolve_bundle_dir(model), provider=provider.value)
+        messages = [{"role": "system", "content": system}] if system else []
+        generator.chat_prompt_ids(messages + [{"role": "user", "content": "?"}])  # no template: fail before input
+        typer.echo("specx chat: type a message; /exit or end of input quits.", err=True)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            stream = generator.stream(messages, max_new_tokens=max_new_tokens, mode=mode.value,
+                                      temperature=temperature, seed=seed, reuse_cache=True)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            result = stream.result
+            if result is None:
+                raise SpecxError("generation ended without a result")
+            messages.append({"role": "assistant", "content": result.text})
+            s = result.stats
+            typer.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, {s.reused_prompt_tokens} of "
+                       f"{s.prompt_tokens} prompt tokens reused from the cache]", err=True)
+
+
+@app.command()
 def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     """Summarise a bundle: models, architecture, dtype, parity, sizes."""
     with _user_errors():

@@ -12,7 +12,8 @@ from specx.errors import InvalidArgumentError
 from specx.exporter.pipeline import ExportRequest, export_bundle
 from specx.runtime import Generator
 from tests import tiny_models
-from tests.test_cli import _ok
+from specx.cli import app
+from tests.test_cli import _ok, runner
 
 # A ChatML template with a default system turn, loop variables, a filter and an error path: the constructs that
 # real instruct templates (SmolLM2's among them) use.
@@ -83,3 +84,34 @@ def test_cli_chat(chat_bundle):
     out = json.loads(_ok(["run", "--model", str(chat_bundle), "--prompt", "one two", "--chat", "--max-new-tokens",
                           "3", "--json"]).stdout)
     assert out["stats"]["new_tokens"] >= 1 and out["stats"]["prompt_tokens"] > 10
+
+
+@pytest.mark.parametrize("name,mode", [("llama_bundle", "autoregressive"), ("gpt2_bundle", "speculative"),
+                                       ("gpt2_bundle", "staged")])
+def test_reused_cache_gives_the_fresh_result(request, name, mode):
+    gen = Generator.load(request.getfixturevalue(name), provider="cpu")
+    prompt = gen.bundle.tokenizer.encode("one two three four").ids
+    first = gen.generate(prompt, max_new_tokens=10, ignore_eos=True, mode=mode, reuse_cache=True)
+    follow = prompt + first.tokens + gen.bundle.tokenizer.encode(" five six").ids
+    second = gen.generate(follow, max_new_tokens=12, ignore_eos=True, mode=mode, reuse_cache=True)
+    fresh = gen.generate(follow, max_new_tokens=12, ignore_eos=True, mode=mode)
+    assert second.tokens == fresh.tokens
+    assert second.stats.reused_prompt_tokens >= len(prompt) + 9 and fresh.stats.reused_prompt_tokens == 0
+    again = gen.generate(follow, max_new_tokens=12, ignore_eos=True, mode=mode, reuse_cache=True)
+    assert again.tokens == fresh.tokens and again.stats.reused_prompt_tokens == len(follow) - 1
+
+
+def test_cli_chat_session(chat_bundle):
+    turns = "one two\nthree\nfour five\nsix\n/exit\n"
+    result = runner.invoke(app, ["chat", str(chat_bundle), "--max-new-tokens", "4"], input=turns)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("prompt tokens reused") == 4
+    reused = [int(line.split(" of ")[0].rsplit(" ", 1)[1]) for line in result.output.splitlines()
+              if "prompt tokens reused" in line]
+    # later turns reuse the earlier turns' cached rows (a turn that outgrows the cache reallocates it, doubled)
+    assert reused[0] == 0 and sum(r > 40 for r in reused[1:]) >= 2, reused
+
+
+def test_cli_chat_without_a_template(llama_bundle):
+    result = runner.invoke(app, ["chat", str(llama_bundle)], input="hi\n")
+    assert result.exit_code == 1 and "no chat template" in result.output

@@ -52,8 +52,9 @@ def feed(session: DecoderSession, tokens: np.ndarray) -> np.ndarray:
 
 
 def autoregressive(target: DecoderSession, request: DecodeRequest, rng: np.random.Generator) -> Iterator[int]:
-    """Plain decoding: one target pass per token."""
-    logits = feed(target, np.asarray(request.prompt_ids, dtype=np.int64))
+    """Plain decoding: one target pass per token. Cached rows the prompt starts with are reused."""
+    cached = target.reuse(request.prompt_ids[:-1])  # at least the last prompt token is fed: its logits are needed
+    logits = feed(target, np.asarray(request.prompt_ids[cached:], dtype=np.int64))
     for produced in range(1, request.max_new_tokens + 1):
         token = choose_token(logits, request.sampling, rng)
         yield token
@@ -69,6 +70,10 @@ class ModelDrafter:
         self.session = draft
         self.ngram = ngram
         self.log = log
+
+    def start(self, committed: list[int]) -> None:
+        """Keep the draft's cached rows that the prompt starts with (the root itself is always fed)."""
+        self.session.reuse(committed[:-1])
 
     def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
         """Grow the tree from the last committed token; the draft first catches up on tokens it has not seen."""
@@ -93,6 +98,9 @@ class NgramDrafter:
         self.ngram = ngram
         self.log = log
 
+    def start(self, committed: list[int]) -> None:
+        """No model cache to prepare."""
+
     def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
         self.ngram.update(committed)
         proposal = self.ngram.propose(committed, shape.depth)
@@ -115,8 +123,10 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
     next tree); the draft's may lag behind by a few tokens, which it catches up on in its first call of a step.
     """
     committed = list(request.prompt_ids)
-    if len(committed) > 1:
-        feed(target, np.asarray(committed[:-1], dtype=np.int64))
+    cached = target.reuse(committed[:-1])  # cached rows the prompt starts with are reused
+    if len(committed) - 1 > cached:
+        feed(target, np.asarray(committed[cached:-1], dtype=np.int64))
+    drafter.start(committed)
     produced = 0
     while True:
         remaining = request.max_new_tokens - produced

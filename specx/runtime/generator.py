@@ -44,6 +44,7 @@ class GenerationStats:
     provider: str
     new_tokens: int = 0
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens whose cached rows a previous generation left (reuse_cache=True)
     target_calls: int = 0
     draft_calls: int = 0
     seconds: float = 0.0  # wall time of the whole call: prefill + decoding
@@ -132,10 +133,11 @@ class Generator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False, tree_budget: int | None = None,
                  tree_depth: int | None = None, tree_threshold: float | None = None,
-                 chat: bool = False) -> GenerationResult:
+                 chat: bool = False, reuse_cache: bool = False) -> GenerationResult:
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
-                             tree_depth=tree_depth, tree_threshold=tree_threshold, chat=chat)
+                             tree_depth=tree_depth, tree_threshold=tree_threshold, chat=chat,
+                             reuse_cache=reuse_cache)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
@@ -144,11 +146,14 @@ class Generator:
     def stream(self, prompt: str | Sequence[int] | Messages, max_new_tokens: int = 128, mode: str = "auto",
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                ignore_eos: bool = False, tree_budget: int | None = None,
-               tree_depth: int | None = None, tree_threshold: float | None = None, chat: bool = False) -> TextStream:
+               tree_depth: int | None = None, tree_threshold: float | None = None, chat: bool = False,
+               reuse_cache: bool = False) -> TextStream:
         """Validate everything up front, then return a stream of text pieces (nothing runs until iterated).
 
         ``chat=True`` (or a list of {"role", "content"} messages as the prompt) formats the prompt with the bundle's
-        chat template, as transformers' apply_chat_template(add_generation_prompt=True) does."""
+        chat template, as transformers' apply_chat_template(add_generation_prompt=True) does. ``reuse_cache=True``
+        keeps the cached rows of the previous generation that the new prompt starts with (a conversation's earlier
+        turns) instead of computing them again."""
         mode = self._resolve_mode(mode)
         if chat or (not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping)):
             prompt = self.chat_prompt_ids(prompt)
@@ -157,7 +162,7 @@ class Generator:
             tree_threshold = GREEDY_TREE_THRESHOLD if temperature == 0 else SAMPLING_TREE_THRESHOLD
         shape = tree_shape(tree_budget, tree_depth, tree_threshold)
         stream = TextStream(iter(()))
-        stream._pieces = self._run(mode, request, shape, stream)
+        stream._pieces = self._run(mode, request, shape, stream, reuse_cache)
         return stream
 
     def chat_prompt_ids(self, conversation: str | Messages) -> list[int]:
@@ -214,13 +219,16 @@ class Generator:
         stop = frozenset() if ignore_eos else frozenset(self.bundle.manifest.tokenizer.eos_token_ids)
         return DecodeRequest(ids, max_new_tokens, sampling, stop, self.max_positions)
 
-    def _run(self, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream) -> Iterator[str]:
+    def _run(self, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream,
+             reuse_cache: bool = False) -> Iterator[str]:
         rng = np.random.default_rng(request.sampling.seed)
         sessions = [s for s in (self.target, self.draft) if s is not None]
         for session in sessions:
-            session.reset()
+            if not reuse_cache:
+                session.reset()
             session.reset_counters()
         self._reserve(mode, request, shape)
+        reused = self.target.reuse(request.prompt_ids[:-1])  # the loops keep the same prefix
         log = StepLog()
         session_ngram = SessionNgram(self.ngram) if mode in ("staged", "ngram") else None
         if mode == "autoregressive":
@@ -244,6 +252,7 @@ class Generator:
         seconds = time.perf_counter() - start
         stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape,
                             session_ngram.seconds if session_ngram else 0.0)
+        stats.reused_prompt_tokens = reused
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
 
@@ -252,9 +261,13 @@ class Generator:
         verification for the target; every node and stage-2 chain token of one step's draft calls for the draft)."""
         tokens = len(request.prompt_ids) + request.max_new_tokens
         tree_rows = shape.budget + 1 if mode != "autoregressive" else 0
-        self.target.reserve(tokens + tree_rows)
+        needs = [(self.target, tokens + tree_rows)]
         if self.draft is not None and mode in ("speculative", "staged"):
-            self.draft.reserve(tokens + shape.depth * shape.width * (shape.depth + 1) + 1)
+            needs.append((self.draft, tokens + shape.depth * shape.width * (shape.depth + 1) + 1))
+        for session, rows in needs:
+            if rows > session.capacity:
+                session.reset()  # a larger cache is a new allocation: nothing to reuse
+            session.reserve(rows)
 
     def _stats(self, mode: str, request: DecodeRequest, tokens: list[int], seconds: float, prefill_seconds: float,
                log: StepLog, shape: TreeShape, draft2_seconds: float) -> GenerationStats:

@@ -143,6 +143,8 @@ class DecoderSession:
         self.capacity = 0
         self.past_len = 0
         self._pending_len = 0
+        self.token_ids: list[int] = []  # the committed rows' tokens (batch 1): what a later prompt may reuse
+        self._pending_ids: list[int] = []
         self.calls = 0
         self.seconds = 0.0  # wall time inside decoder and commit runs
         self.reset()
@@ -150,21 +152,40 @@ class DecoderSession:
     # -- cache lifecycle ---------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Empty the cache (start of a new sequence); its buffers are kept."""
-        self.past_len = 0
+        self.rewind(0)
+
+    def rewind(self, rows: int) -> None:
+        """Keep only the first ``rows`` committed rows (free: later rows are simply overwritten)."""
+        if not 0 <= rows <= self.past_len:
+            raise InvalidArgumentError(f"cannot rewind to {rows} rows: the cache holds {self.past_len}")
+        self.past_len = rows
         self._pending_len = 0
+        self.token_ids = self.token_ids[:rows]
+        self._pending_ids = []
+
+    def reuse(self, prefix: Sequence[int]) -> int:
+        """Keep the longest committed prefix that ``prefix`` starts with; return its length (batch 1)."""
+        common = 0
+        for cached, wanted in zip(self.token_ids, prefix):
+            if cached != wanted:
+                break
+            common += 1
+        self.rewind(common)
+        return common
 
     def reset_counters(self) -> None:
         self.calls = 0
         self.seconds = 0.0
 
     def reserve(self, rows: int) -> None:
-        """Make the cache hold at least ``rows`` rows (rounded up to CACHE_BLOCK). Growing reallocates, so it is
-        allowed on an empty cache only."""
+        """Make the cache hold at least ``rows`` rows (rounded up to CACHE_BLOCK, at least double the last size).
+        Growing reallocates, so it is allowed on an empty cache only."""
         if rows <= self.capacity:
             return
         if self.past_len:
             raise InvalidArgumentError("reserve() a larger cache only on an empty cache (call reset() first)")
-        capacity = -(-rows // CACHE_BLOCK) * CACHE_BLOCK
+        # at least double: a growing conversation (reuse of earlier turns) reallocates, and so recomputes, rarely
+        capacity = max(-(-rows // CACHE_BLOCK) * CACHE_BLOCK, 2 * self.capacity)
         shape = (self.batch, self.contract.num_kv_heads, capacity, self.contract.head_dim)
         self._cache = [
             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_type), self.placement.device, 0)
@@ -205,6 +226,7 @@ class DecoderSession:
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self._pending_len = seq
+        self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
         return logits
 
     def _logits_buffer(self, seq: int) -> tuple[np.ndarray, ort.OrtValue]:
@@ -225,6 +247,7 @@ class DecoderSession:
         pending, self._pending_len = self._pending_len, 0
         if keep is None:
             self.past_len += pending
+            self.token_ids += self._pending_ids
             return
         keep = np.asarray(keep, dtype=np.int64)
         if keep.ndim != 1 or np.any(keep < 0) or np.any(keep >= pending) or np.unique(keep).size != keep.size:
@@ -238,6 +261,7 @@ class DecoderSession:
                 or np.unique(positions).size != positions.size):
             raise InvalidArgumentError(f"cache positions must be distinct and lie in [0, {self.past_len})")
         self._pending_len = 0
+        self._pending_ids = []
         self._keep_rows(0, positions)
 
     def _keep_rows(self, first: int, rows: np.ndarray) -> None:
@@ -248,6 +272,10 @@ class DecoderSession:
         if misplaced.size:
             start = int(misplaced[0])
             self._move(rows[start:], first + start)
+        pool = self.token_ids + self._pending_ids
+        if self.batch == 1:
+            self.token_ids = pool[:first] + [pool[int(r)] for r in rows]
+        self._pending_ids = []
         self.past_len = first + int(rows.size)
 
     def _move(self, src: np.ndarray, dst: int) -> None:
