@@ -188,6 +188,48 @@ def chat(
 
 
 @app.command()
+def bench(
+    model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts: JSON lines {id, kind, prompt} or one text per line "
+                                                     "(default: specx's built-in mixed set)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    modes: Optional[str] = typer.Option(None, help="Comma-separated modes (default: every mode the bundle supports)."),
+    temperatures: str = typer.Option("0,1", help="Comma-separated temperatures (0 = greedy)."),
+    max_new_tokens: int = typer.Option(128, help="Tokens per generation (EOS ignored, so every run is as long)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every measurement to this file."),
+) -> None:
+    """Plain decoding and every decoding mode on a prompt set, back to back: tokens/s, speed-up, tau, draft calls,
+    weight-bytes ratio, overhead, and whether greedy outputs were identical."""
+    with _user_errors():
+        import os
+        import platform
+
+        import onnxruntime
+
+        from specx.runtime import bench as b
+        from specx.runtime.bundle import resolve_bundle_dir
+        from specx.runtime.generator import Generator
+
+        generator = Generator.load(resolve_bundle_dir(model), provider=provider.value, threads=threads)
+        chosen = b.check_modes(generator, modes.split(",")) if modes else b.supported_modes(generator)
+        temps = [float(t) for t in temperatures.split(",")]
+        prompt_set = b.load_prompts(prompts, limit)
+        typer.echo(f"specx bench: {len(prompt_set)} prompts x {len(temps)} temperatures, modes "
+                   f"{', '.join(['autoregressive', *chosen])}, {max_new_tokens} tokens each", err=True)
+        rows = b.run_bench(generator, prompt_set, chosen, temps, max_new_tokens,
+                           lambda r: typer.echo(f"  {r.mode} T={r.temperature:g} {r.prompt}: {r.speedup:.2f}x", err=True))
+        summary = b.summarise(rows)
+        typer.echo(b.format_table(summary))
+        if json_out:
+            meta = {"bundle": str(generator.bundle.path), "provider": generator.provider, "threads": threads,
+                    "machine": platform.machine(), "cores": os.cpu_count(),
+                    "onnxruntime": onnxruntime.__version__, "max_new_tokens": max_new_tokens}
+            json_out.write_text(b.rows_to_json(rows, summary, meta))
+
+
+@app.command()
 def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
     """Summarise a bundle: models, architecture, dtype, parity, sizes."""
     with _user_errors():

@@ -220,3 +220,26 @@ def test_missing_ngram_corpus(gpt2_dir, tmp_path):
     _user_error(["export", str(gpt2_dir), "--draft", "none", "--ngram-corpus", str(tmp_path / "nope.txt"),
                  "-o", str(tmp_path / "out")], "nope.txt")
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_table_and_json(gpt2_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _ok(["bench", str(gpt2_bundle), "--limit", "2", "--temperatures", "0", "--max-new-tokens", "12",
+                  "--json", str(out)])
+    for mode in ("autoregressive", "speculative", "staged", "ngram"):
+        assert mode in result.stdout
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 2 * 4 and {r["mode"] for r in data["summary"]} == {"autoregressive", "speculative",
+                                                                                     "staged", "ngram"}
+    assert all(r["identical"] for r in data["rows"])  # greedy: every mode reproduces plain decoding
+    assert all(r["speedup"] == 1.0 for r in data["rows"] if r["mode"] == "autoregressive")
+
+
+def test_bench_prompts_file_and_bad_mode(llama_bundle, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one two\nthe quick brown\n")
+    result = _ok(["bench", str(llama_bundle), "--prompts", str(prompts), "--temperatures", "0,1",
+                  "--max-new-tokens", "6"])
+    assert result.stdout.count("autoregressive") == 2  # one summary line per temperature
+    _user_error(["bench", str(llama_bundle), "--modes", "speculative"], "cannot run mode")
+    _user_error(["bench", str(llama_bundle), "--prompts", str(tmp_path / "missing.txt")], "does not exist")

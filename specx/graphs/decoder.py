@@ -97,7 +97,7 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     for i, layer in enumerate(weights.layers):
         prefix = f"/model/layers.{i}"
-        a = _attention(b, prefix, arch, weights, layer, attention, x)
+        a = _attention(b, i, arch, weights, layer, attention, x)
         x, residual = _skip_norm(b, f"{prefix}/post_attention_layernorm", family, layer.mlp_norm, a, residual,
                                  layer.o.bias)
         h = _mlp(b, f"{prefix}/mlp", family, layer, x)
@@ -173,7 +173,7 @@ def _linear(b: GraphBuilder, prefix: str, linear: Linear, x: str, with_bias: boo
     return out
 
 
-def _attention(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, weights: DecoderWeights, layer: LayerWeights,
+def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, weights: DecoderWeights, layer: LayerWeights,
                attention: _Attention, x: str) -> str:
     """Packed QKV, rotary with the tree's positions (rope families), GroupQueryAttention over the static cache with
     the tree bias, output projection.
@@ -185,7 +185,7 @@ def _attention(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, weights: De
             -> (batch, seq, heads*hd); present_k/v written in place at rows [total - seq, total)
         -> MatMul(o_proj)                                   its bias goes to the next SkipNorm
     """
-    i = int(prefix.rsplit(".", 1)[1])
+    prefix = f"/model/layers.{i}"
     qkv = _linear(b, f"{prefix}/attn/qkv_proj", layer.qkv, x)
     q, k, v, cos, sin, positions, rotary = qkv, "", "", "", "", "", 0
     if arch.position_encoding == "rope":

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from specx.graphs.contract import METADATA_KEY, GraphContract, TensorSpec
+from specx.graphs.contract import METADATA_KEY, GraphContract
 
 
 def embed_contract(model: onnx.ModelProto, contract: GraphContract) -> None:
@@ -18,12 +18,6 @@ def embed_contract(model: onnx.ModelProto, contract: GraphContract) -> None:
         if prop.key == METADATA_KEY:
             model.metadata_props.remove(prop)
     helper.set_model_props(model, {METADATA_KEY: json.dumps(contract.to_dict())})
-
-
-def embed_contract_in_file(path: Path, contract: GraphContract) -> None:
-    model = onnx.load(str(path), load_external_data=False)
-    embed_contract(model, contract)
-    onnx.save(model, str(path))
 
 
 def weight_bytes(path: Path) -> int:

@@ -29,11 +29,13 @@ from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, check_graph, default_session_options, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
-# Default tree: an 8-token chain with adaptive depth was the fastest shape measured on SmolLM2-135M with a self:int8
-# draft on a 2-core CPU (greedy 1.32x vs 1.25x for a fixed 5-token chain; sampling at T=1 0.58x -> 0.77x with the
-# higher threshold): docs/benchmarks.md. Drafting stops once the best unprocessed path value falls below the threshold.
-DEFAULT_TREE_BUDGET = 8
-DEFAULT_TREE_DEPTH = 8
+# Default tree: a 5-token chain with adaptive depth, measured on SmolLM2-135M with a self:int8 draft on a 2-core CPU
+# (docs/benchmarks.md): a fixed 5-chain gave greedy 1.25x and T=1 0.43x; an 8-chain with the same thresholds gave
+# 1.25x and 0.78x but lost in staged (1.10x vs 1.19x) and ngram mode (0.81x vs 0.93x), whose chains do not stop early.
+# Drafting stops once the best unprocessed path value falls below the threshold (lower when greedy: acceptance
+# follows the draft's argmax more closely than it follows a sampled draw).
+DEFAULT_TREE_BUDGET = 5
+DEFAULT_TREE_DEPTH = 5
 GREEDY_TREE_THRESHOLD = 0.1
 SAMPLING_TREE_THRESHOLD = 0.5
 

@@ -1,0 +1,1 @@
+"""Data shipped with specx: the built-in prompt set of `specx bench`."""
