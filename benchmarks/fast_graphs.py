@@ -8,7 +8,9 @@ side with onnxruntime-genai builds of the same model.
 --bundle: specx bundles (e.g. fp32 and int4 exports of SmolLM2-135M-Instruct); step figures for each (the bandwidth
 floor streams the bundle's own weight bytes as fp32: the fp32 floor). --genai: onnxruntime-genai model folders (benchmarks/peers/setup-genai.sh builds them; decoded by
 benchmarks/peers/genai_decode.py in the peers' own venv, --genai-python). Every session uses --threads intra-op
-threads (default 2). Medians of --repeats timings after --warmup untimed ones.
+threads (default 2). Step figures: medians of --repeats timings after --warmup untimed ones. Tokens/s: --rounds
+rounds, each running every specx bundle and every peer over all prompts in turn; the figure is the median of the
+rounds' medians.
 """
 
 from __future__ import annotations
@@ -140,30 +142,40 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--skip-steps", action="store_true", help="only tokens/s")
+    parser.add_argument("--rounds", type=int, default=2, help="tokens/s rounds, alternating every runner")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     prompts = load_prompts(args.prompts)
     report: dict = {"machine": {**machine(), "threads": args.threads}, "prompts": len(prompts),
-                    "new_tokens": args.new_tokens, "bundles": {}, "peers": {}}
-    for bundle in args.bundle:
-        gen = Generator.load(bundle, provider="cpu", threads=args.threads)
+                    "new_tokens": args.new_tokens, "rounds": args.rounds, "bundles": {}, "peers": {}}
+    generators = {bundle: Generator.load(bundle, provider="cpu", threads=args.threads) for bundle in args.bundle}
+    for bundle, gen in generators.items():
         entry = gen.bundle.manifest.target
-        figures: dict = {"dtype": gen.bundle.manifest.dtype, "weight_bytes": entry.weight_bytes}
+        figures: dict = {"dtype": gen.bundle.manifest.dtype, "weight_bytes": entry.weight_bytes, "rounds": []}
         if not args.skip_steps:
             floor = bandwidth_floor(entry.weight_bytes, entry.architecture.hidden_size, args.threads, args.warmup,
                                     args.repeats)
             figures.update(step_figures(gen, args.warmup, args.repeats), floor_ms=floor * 1e3)
             figures["step_over_floor"] = figures["step_ms_at_150"] / figures["floor_ms"]
-            print(json.dumps({k: v for k, v in figures.items()}), flush=True)
-        figures.update(specx_tokens_per_second(gen, prompts, args.new_tokens))
-        print(f"specx {bundle.name}: {figures['median_tokens_per_second']:.1f} tokens/s", flush=True)
+            print(json.dumps({k: v for k, v in figures.items() if k != "rounds"}), flush=True)
         report["bundles"][str(bundle)] = figures
     for model in args.genai:
-        peer = genai_tokens_per_second(model, args.genai_python, len(prompts), args.new_tokens, args.threads)
-        print(f"onnxruntime-genai {model.name}: {peer['median_tokens_per_second']:.1f} tokens/s", flush=True)
-        report["peers"][str(model)] = peer
-    summary = {name: {k: v for k, v in fig.items() if k != "prompts"} for name, fig in report["bundles"].items()}
+        report["peers"][str(model)] = {"rounds": []}
+    # Rounds alternate every runner over all prompts, so drift on a shared machine reaches each of them alike.
+    for round_ in range(args.rounds):
+        for bundle, gen in generators.items():
+            result = specx_tokens_per_second(gen, prompts, args.new_tokens)
+            report["bundles"][str(bundle)]["rounds"].append(result)
+            print(f"round {round_}: specx {bundle.name}: {result['median_tokens_per_second']:.1f} tokens/s", flush=True)
+        for model in args.genai:
+            peer = genai_tokens_per_second(model, args.genai_python, len(prompts), args.new_tokens, args.threads)
+            report["peers"][str(model)]["rounds"].append(peer)
+            print(f"round {round_}: onnxruntime-genai {model.name}: {peer['median_tokens_per_second']:.1f} tokens/s",
+                  flush=True)
+    for runner in [*report["bundles"].values(), *report["peers"].values()]:
+        runner["median_tokens_per_second"] = median([r["median_tokens_per_second"] for r in runner["rounds"]])
+    summary = {name: {k: v for k, v in fig.items() if k != "rounds"} for name, fig in report["bundles"].items()}
     summary.update({name: {"median_tokens_per_second": p["median_tokens_per_second"]} for name, p in report["peers"].items()})
     print(json.dumps(summary, indent=2))
     if args.json:
