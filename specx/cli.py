@@ -243,6 +243,8 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
             a = entry.architecture
             parity = entry.parity.get("max_abs_logit_diff")
             parity_text = "n/a" if parity is None else f"{parity:.2e}"
+            if "unquantized_max_abs_logit_diff" in entry.parity:  # quantization error, measured, not a defect
+                parity_text += f" (before quantization {entry.parity['unquantized_max_abs_logit_diff']:.2e})"
             derived = f" (derived: {entry.derived_from})" if entry.derived_from else ""
             q = entry.quantization
             quant = (f"  quantized int{q['bits']} {q['method']} block {q['block_size']} accuracy_level "

@@ -143,6 +143,15 @@ def test_quantized_bundle_is_smaller(int4_bundle, int8_bundle, llama_bundle):
     assert sizes[int4_bundle] < sizes[int8_bundle] < sizes[llama_bundle]
 
 
+def test_info_shows_the_quantization(int4_bundle):
+    from specx.cli import app
+    from typer.testing import CliRunner
+
+    out = CliRunner().invoke(app, ["info", str(int4_bundle)]).stdout
+    assert "quantized int4 MatMulNBits block 32 accuracy_level 4, lm_head too" in out
+    assert "before quantization" in out
+
+
 def test_derived_draft_inherits_the_quantization(int4_bundle):
     manifest = json.loads((int4_bundle / "manifest.json").read_text())
     assert manifest["draft"]["derived_from"] == "self:layers=1" and manifest["draft"]["quantization"]["bits"] == 4
