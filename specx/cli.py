@@ -90,6 +90,14 @@ def export(
         typer.echo(str(path))
 
 
+def speedup_line(mode_stats, plain_stats, identical: bool) -> str:
+    """One line: what the mode gained over plain decoding of the same prompt, measured just now."""
+    ratio = mode_stats.tokens_per_second / plain_stats.tokens_per_second if plain_stats.tokens_per_second else 0.0
+    same = "identical output" if identical else "output differs (sampling draws differ; the distribution is the same)"
+    return (f"[{mode_stats.mode} vs plain decoding on this prompt: {ratio:.2f}x ({mode_stats.tokens_per_second:.1f} vs "
+            f"{plain_stats.tokens_per_second:.1f} tokens/s), {same}]")
+
+
 @app.command()
 def run(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
@@ -112,6 +120,8 @@ def run(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
     chat: bool = typer.Option(False, "--chat", help="Format the prompt as a user message with the bundle's chat "
                                                     "template (instruct models)."),
+    compare: bool = typer.Option(False, "--compare", help="Then decode the same prompt plainly (autoregressive) and "
+                                                          "print the speed-up the mode gave on this machine."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text from a bundle, streaming it as it is decided."""
@@ -141,6 +151,11 @@ def run(
         tau = f", {s.tokens_per_target_call:.2f} tokens/target call" if s.mode != "autoregressive" else ""
         typer.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, mode {s.mode}, "
                    f"provider {s.provider}{tau}]", err=True)
+        if compare:
+            plain = generator.generate(prompt, max_new_tokens=max_new_tokens, mode="autoregressive",
+                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                       ignore_eos=ignore_eos, chat=chat)
+            typer.echo(speedup_line(s, plain.stats, result.tokens == plain.tokens), err=True)
 
 
 @app.command()

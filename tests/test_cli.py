@@ -243,3 +243,11 @@ def test_bench_prompts_file_and_bad_mode(llama_bundle, tmp_path):
     assert result.stdout.count("autoregressive") == 2  # one summary line per temperature
     _user_error(["bench", str(llama_bundle), "--modes", "speculative"], "cannot run mode")
     _user_error(["bench", str(llama_bundle), "--prompts", str(tmp_path / "missing.txt")], "does not exist")
+
+
+def test_run_compare_prints_the_measured_speedup(gpt2_same_draft_bundle):
+    result = runner.invoke(app, ["run", "--model", str(gpt2_same_draft_bundle), "--prompt", "one two",
+                                 "--max-new-tokens", "12", "--ignore-eos", "--mode", "speculative", "--compare"])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if "vs plain decoding" in l)
+    assert line.startswith("[speculative vs plain decoding on this prompt: ") and "identical output" in line
