@@ -54,6 +54,13 @@ class ExportRequest:
     ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
 
 
+def short_name(source: str) -> str:
+    """A source as progress messages name it: a local file or directory by its last component (one terminal line);
+    a hub id as it is."""
+    path = Path(source).expanduser()
+    return path.name if path.exists() else source
+
+
 def resolve_dtype(dtype: str) -> str:
     if dtype == "auto":
         return "fp16" if torch.cuda.is_available() else "fp32"
@@ -86,14 +93,14 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
     dtype = resolve_dtype(request.dtype)
     output = (request.output or specx_home() / bundle_name(request.source)).expanduser()
     _check_output(output)
-    with progress(f"loading {request.source}"):
+    with progress(f"loading {short_name(request.source)}"):
         target = load_source(request.source, dtype)
     target_adapter = adapter_for(target.model.config)
     draft_source = resolve_draft(request.draft, target_adapter)
     derived = DerivedDraft.parse(draft_source) if draft_source and draft_source.startswith(DERIVED_PREFIX) else None
     draft = None
     if draft_source is not None and derived is None:
-        with progress(f"loading draft {draft_source}"):
+        with progress(f"loading draft {short_name(draft_source)}"):
             draft = load_source(draft_source, dtype)
         check_draft_compatible(target, draft)
 
@@ -148,7 +155,7 @@ def _export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, 
     kv_dtype = "float16" if dtype == "fp16" else "float32"
     bits = QUANTIZED_DTYPES.get(dtype)
     built = path.with_name(f"{role}.unquantized.onnx") if bits else path
-    with progress(f"building the {role} graph for {source or loaded.source}"):
+    with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared")
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, "fp32" if bits else dtype).to_dict()
@@ -192,7 +199,7 @@ def _write_ngram(sampler: LoadedModel, target: ModelEntry, request: ExportReques
     """The Katz trigram table, from text the draft (or, without a separate draft, the target) samples."""
     if request.ngram_tokens == 0 and not request.ngram_corpus:
         return None
-    with progress(f"building the n-gram table ({request.ngram_tokens} tokens sampled from {sampler.source}"
+    with progress(f"building the n-gram table ({request.ngram_tokens} tokens sampled from {short_name(sampler.source)}"
                   f"{', plus corpus files' if request.ngram_corpus else ''})"):
         model, info = build_ngram(sampler.model, sampler.tokenizer, target.contract.vocab_size,
                                   target.architecture.max_positions, request.ngram_tokens,
