@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperatures", default="0,1")
     parser.add_argument("--provider", default="auto")
+    parser.add_argument("--no-ngram-table", action="store_true",
+                        help="ignore the bundle's n-gram table: staged and ngram modes count the context only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -77,6 +79,8 @@ def main() -> None:
     results: dict[str, list[dict]] = defaultdict(list)
     for bundle in args.bundle:
         gen = Generator.load(bundle, provider=args.provider)
+        if args.no_ngram_table:
+            gen.ngram = None
         draft = gen.bundle.manifest.draft.source if gen.bundle.manifest.draft else "none"
         for temperature in temperatures:
             for prompt in prompts:
@@ -87,7 +91,8 @@ def main() -> None:
                     row = {**{k: v for k, v in sp.items() if k != "tokens"}, "ar_tps": ar["tps"],
                            "speedup": sp["tps"] / ar["tps"], "identical": sp["tokens"] == ar["tokens"],
                            "kind": prompt["kind"], "id": prompt["id"]}
-                    key = f"{mode} | {draft if mode != 'ngram' else '-'} | {shape[0]}x{shape[1]} | T={temperature:g}"
+                    table = "online only" if gen.ngram is None and mode != "speculative" else ""
+                    key = f"{mode} {table}| {draft if mode != 'ngram' else '-'} | {shape[0]}x{shape[1]} | T={temperature:g}"
                     results[key].append(row)
                     print(json.dumps({"config": key, **row}), flush=True)
 

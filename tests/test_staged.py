@@ -84,3 +84,12 @@ def test_staged_statistics(generators):
     assert s.draft2_proposed >= s.draft2_accepted >= 0
     assert s.draft_calls_saved >= 0 and s.draft2_seconds > 0
     assert s.overhead_fraction >= 0
+
+
+def test_staged_without_a_table_counts_the_context_and_stays_exact(llama_self_bundle):
+    gen = Generator.load(llama_self_bundle, provider="cpu")
+    gen.ngram = None  # as a bundle exported with --ngram-tokens 0
+    for prompt in ("one two three one two three", "def f1(x):"):
+        plain = gen.generate(prompt, max_new_tokens=30, ignore_eos=True, mode="autoregressive").tokens
+        result = gen.generate(prompt, max_new_tokens=30, ignore_eos=True, mode="staged", tree_budget=6, tree_depth=6)
+        assert result.tokens == plain and result.stats.mode == "staged"

@@ -190,12 +190,7 @@ class Generator:
                 f"mode {mode!r} needs a bundle with a draft model; export one with --draft, or use "
                 "--mode ngram or autoregressive"
             )
-        if mode == "staged" and self.ngram is None:
-            raise InvalidArgumentError(
-                "mode 'staged' needs a bundle with an n-gram table; export with --ngram-tokens N or --ngram-corpus, "
-                "or use --mode speculative"
-            )
-        return mode
+        return mode  # staged and ngram without a table: the n-gram model counts the prompt and output only
 
     def _request(self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
                  ignore_eos: bool) -> DecodeRequest:
