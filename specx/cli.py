@@ -65,8 +65,9 @@ def export(
     dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks); int8 / "
                                                  "int4: weight-only quantized (MatMulNBits, lm_head included), for CPU."),
     opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
-    ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for the "
-                                                  "n-gram table; 0 for none."),
+    ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for a "
+                                                  "static n-gram table; default 0: staged and ngram modes count the "
+                                                  "prompt and output only (measured faster)."),
     ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
 ) -> None:
     """Export a target model (and its draft) into one bundle: graphs, tokenizer, manifest."""
@@ -88,6 +89,9 @@ def export(
         request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()))
         path = export_bundle(request, progress)
         typer.echo(str(path))
+
+
+CHAT_CACHE_TOKENS = 4096  # positions `specx chat` reserves up front (capped by the model's context)
 
 
 def speedup_line(mode_stats, plain_stats, identical: bool) -> str:
@@ -176,6 +180,7 @@ def chat(
         generator = Generator.load(resolve_bundle_dir(model), provider=provider.value)
         messages = [{"role": "system", "content": system}] if system else []
         generator.chat_prompt_ids(messages + [{"role": "user", "content": "?"}])  # no template: fail before input
+        generator.reserve(min(generator.max_positions, CHAT_CACHE_TOKENS))  # turns reuse it without reallocation
         typer.echo("specx chat: type a message; /exit or end of input quits.", err=True)
         while True:
             try:

@@ -108,8 +108,8 @@ def test_cli_chat_session(chat_bundle):
     assert result.output.count("prompt tokens reused") == 4
     reused = [int(line.split(" of ")[0].rsplit(" ", 1)[1]) for line in result.output.splitlines()
               if "prompt tokens reused" in line]
-    # later turns reuse the earlier turns' cached rows (a turn that outgrows the cache reallocates it, doubled)
-    assert reused[0] == 0 and sum(r > 40 for r in reused[1:]) >= 2, reused
+    # every later turn reuses the earlier turns' cached rows (the cache is reserved once for the conversation)
+    assert reused[0] == 0 and all(r > 40 for r in reused[1:]), reused
 
 
 def test_cli_chat_without_a_template(llama_bundle):

@@ -111,6 +111,6 @@ def test_bad_arguments_fail_before_any_work(pair, kwargs, match):
 @pytest.mark.parametrize("mode", ["speculative", "staged"])
 def test_draft_modes_need_a_draft(llama_bundle, mode):
     gen = Generator.load(llama_bundle, provider="cpu")
-    assert gen.generate("one", max_new_tokens=2).stats.mode == "autoregressive"  # auto: no draft, no n-gram table
+    assert gen.generate("one", max_new_tokens=2).stats.mode == "ngram"  # auto without a draft: context n-grams
     with pytest.raises(InvalidArgumentError, match="draft"):
         gen.generate("one", mode=mode)

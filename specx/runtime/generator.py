@@ -36,6 +36,7 @@ MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
 # follows the draft's argmax more closely than it follows a sampled draw).
 DEFAULT_TREE_BUDGET = 5
 DEFAULT_TREE_DEPTH = 5
+TREE_ROWS_SLACK = 64  # rows a reservation adds for the tree passes beyond the tokens themselves
 GREEDY_TREE_THRESHOLD = 0.1
 SAMPLING_TREE_THRESHOLD = 0.5
 
@@ -177,14 +178,22 @@ class Generator:
         text = render_chat(template, messages, self.bundle.manifest.tokenizer.special_tokens)
         return self.bundle.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def reserve(self, tokens: int) -> None:
+        """Allocate the caches for ``tokens`` positions (prompt + output) now, e.g. for a conversation whose turns
+        should all reuse the cache (a cache that has to grow later is reallocated, dropping what it held)."""
+        if not 1 <= tokens <= self.max_positions:
+            raise CapacityError(f"cannot reserve {tokens} positions: the limit is {self.max_positions}")
+        for session, extra in ((self.target, TREE_ROWS_SLACK), (self.draft, TREE_ROWS_SLACK)):
+            if session is not None:
+                session.reset()
+                session.reserve(tokens + extra)
+
     # -- internals ---------------------------------------------------------------------------------------------
     def _resolve_mode(self, mode: str) -> str:
         if mode not in MODES:
             raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        if mode == "auto":
-            if self.draft is not None:
-                return "staged" if self.ngram is not None else "speculative"
-            return "ngram" if self.ngram is not None else "autoregressive"
+        if mode == "auto":  # stage 2 costs nothing when the context offers no proposal: measured never slower
+            return "staged" if self.draft is not None else "ngram"
         if mode in ("speculative", "staged") and self.draft is None:
             raise InvalidArgumentError(
                 f"mode {mode!r} needs a bundle with a draft model; export one with --draft, or use "

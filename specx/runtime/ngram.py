@@ -30,7 +30,10 @@ import numpy as np
 from specx.errors import BundleError
 
 FORMAT_VERSION = 1
-DEFAULT_SAMPLE_TOKENS = 16_384  # export default: tokens sampled from the draft (about 4 minutes for 135M on 2 cores)
+# Export default: no sampled table. On SmolLM2 with an int8 draft, a table of 8,192 sampled tokens made staged decoding
+# slower (1.17x vs 1.25x over plain, greedy) and ngram mode slower than plain (0.91x vs 1.07x) compared with counting
+# the context alone, and it cost minutes at export: docs/benchmarks.md. `--ngram-tokens N` / `--ngram-corpus` add one.
+DEFAULT_SAMPLE_TOKENS = 0
 GT_MAX_COUNT = 5  # Katz: counts above this are reliable and not discounted
 UNIGRAM_PSEUDOCOUNT = 0.5
 FALLBACK_DISCOUNT = 0.75  # used where Good-Turing estimates are degenerate (tiny corpora)
