@@ -99,6 +99,13 @@ def test_adaptive_depth_drafts_less_and_stays_exact(generators, threshold):
         assert adaptive.stats.tree_threshold == threshold and adaptive.stats.draft_calls_saved > 0
 
 
+def test_auto_mode_follows_what_was_measured(generators):
+    derived, separate = generators["llama_self_bundle"], generators["gpt2_bundle"]
+    assert derived.generate("one", max_new_tokens=3).stats.mode == "staged"
+    assert derived.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.mode == "autoregressive"
+    assert separate.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.mode == "staged"
+
+
 def test_default_threshold_depends_on_sampling(generators):
     gen = generators["gpt2_bundle"]
     assert gen.generate("one", max_new_tokens=3).stats.tree_threshold == GREEDY_TREE_THRESHOLD
@@ -127,7 +134,7 @@ def test_cache_after_speculation_equals_plain_decoding(generators):
     gen = generators["llama_self_bundle"]
     prompt = gen.bundle.tokenizer.encode("one two three").ids
     result = gen.generate(prompt, max_new_tokens=50, ignore_eos=True, tree_budget=8, tree_depth=4,
-                          temperature=1.0, seed=3)
+                          temperature=1.0, seed=3, mode="speculative")
     assert result.stats.accepted_histogram[0] > 0  # there were rejections
     sequence = np.asarray(prompt + result.tokens, dtype=np.int64)
     for session in (gen.target, gen.draft):
