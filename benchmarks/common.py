@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ROOT / "benchmarks" / "prompts.jsonl"
+PROMPTS = ROOT / "specx" / "data" / "prompts.jsonl"  # the development prompts, also `specx bench`'s built-in set
 
 
 def load_prompts(limit: int | None = None) -> list[dict]:

@@ -3,7 +3,7 @@
 Run with the peers venv's python (benchmarks/peers/setup-genai.sh makes it), never specx's:
 
     $SPECX_PEERS/genai-venv/bin/python benchmarks/peers/genai_decode.py --model $SPECX_PEERS/genai-int4 \
-        --prompts benchmarks/prompts.jsonl --new-tokens 96 --threads 2 --repeats 3 --json out.json
+        --prompts specx/data/prompts.jsonl --new-tokens 96 --threads 2 --repeats 3 --json out.json
 
 Prompts are encoded with the tokenizer.json that specx uses (the `tokenizers` package, as specx does), so token ids
 match across runners. Each prompt decodes exactly --new-tokens tokens (min_length masks EOS). Per prompt, the

@@ -40,8 +40,8 @@ def random_tree(nodes: int, rng: np.random.Generator) -> Tree:
 
 
 def torch_tree_pass(wrapper: TreeDecoder, contract: GraphContract, prefix: np.ndarray, tree_tokens: np.ndarray,
-                    tree: Tree) -> tuple[np.ndarray, list[torch.Tensor]]:
-    """Prefix pass (chain) then one tree pass in PyTorch; returns tree logits and the prefix's KV."""
+                    tree: Tree) -> np.ndarray:
+    """Prefix pass (chain) then one tree pass in PyTorch; returns the tree's logits."""
     empty = [torch.zeros(1, contract.num_kv_heads, 0, contract.head_dim, dtype=wrapper.model.dtype)
              for _ in contract.past_input_names]
     run = chain(prefix.size)
@@ -51,7 +51,7 @@ def torch_tree_pass(wrapper: TreeDecoder, contract: GraphContract, prefix: np.nd
         past = list(out[1:])
         out = wrapper(torch.from_numpy(tree_tokens[None]), torch.from_numpy(tree.positions(prefix.size)),
                       torch.from_numpy(tree.attention_mask(prefix.size)), *past)
-    return out[0].float().numpy(), past
+    return out[0].float().numpy()
 
 
 def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contract: GraphContract, path: Path,
@@ -64,7 +64,7 @@ def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contr
     tree = random_tree(VALIDATION_TREE_NODES, rng)
     tokens = rng.integers(0, contract.vocab_size, tree.size).astype(np.int64)
     wrapper = TreeDecoder(model, adapter).eval()
-    reference, _ = torch_tree_pass(wrapper, contract, prefix, tokens, tree)
+    reference = torch_tree_pass(wrapper, contract, prefix, tokens, tree)
 
     provider = "cuda" if dtype == "fp16" and _has_cuda() else "cpu"
     decoder, placement = open_session(path, provider)
