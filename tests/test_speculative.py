@@ -12,7 +12,7 @@ from specx.errors import InvalidArgumentError
 from specx.runtime import Generator
 from specx.runtime.generator import GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD
 from specx.runtime.decoding import feed
-from specx.runtime.drafting import TreeShape, grow_tree
+from specx.runtime.drafting import TokenDraft, TreeShape, grow_tree
 from tests.helpers import assert_first_two_tokens_follow_the_model
 
 PROMPTS = ["def f12(x):", "the quick brown fox", "one two three", "print"]
@@ -151,7 +151,7 @@ def test_tree_growth_calls_draft_once_per_level(generators):
     draft = gen.draft
     draft.reset()
     draft.reset_counters()
-    drafted = grow_tree(draft, np.asarray(gen.bundle.tokenizer.encode("one two").ids, dtype=np.int64),
+    drafted = grow_tree(TokenDraft(draft), np.asarray(gen.bundle.tokenizer.encode("one two").ids, dtype=np.int64),
                         TreeShape(budget=10, depth=4))
     assert draft.calls == 4
     assert drafted.tree.size == 11 and int(drafted.tree.depth.max()) <= 4

@@ -9,7 +9,7 @@ import pytest
 
 from specx.runtime import Generator
 from specx.runtime.decoding import DecodeRequest, ModelDrafter, StepLog, speculative
-from specx.runtime.drafting import TreeShape
+from specx.runtime.drafting import TokenDraft, TreeShape
 from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig
 from tests.helpers import CACHE_ROWS, assert_first_two_tokens_follow_the_model
@@ -55,7 +55,7 @@ def test_staged_sampling_matches_the_model_distribution(generators, kwargs):
 
 def _staged_draft_calls(gen: Generator, prompt: list[int], online: bool) -> tuple[list[int], StepLog, int]:
     log = StepLog()
-    drafter = ModelDrafter(gen.draft, SessionNgram(gen.ngram, online=online), log)
+    drafter = ModelDrafter(TokenDraft(gen.draft), SessionNgram(gen.ngram, online=online), log)
     request = DecodeRequest(tuple(prompt), 48, SamplingConfig(), frozenset(), gen.max_positions)
     for session in (gen.target, gen.draft):
         session.reset()

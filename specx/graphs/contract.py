@@ -15,9 +15,22 @@ Decoder graph (target and draft)::
                    kv     (batch, kv_heads, capacity, head_dim)   the static cache: rows [0, past) are committed
     ->
     logits         float32 (batch, seq, vocab)
+    features       float32 (batch, seq, width)          only where ``feature_layers`` is set (a target with a feature
+                                                        draft): the inputs of those layers side by side
     present.{i}.key / .value
                    kv     (batch, kv_heads, capacity, head_dim)   the same buffer (bound as input and output):
                                                                   this pass's K/V written in place at [past, total)
+
+Feature draft graph (one decoder layer that reads the target's features, EAGLE-style)::
+
+    input_ids, position_ids, tree_mask, past_key_values.0.key / .value     as above (one layer)
+    features       float32 (batch, feature_rows, width)   target features, for the first feature_rows tokens
+    hidden         float32 (batch, hidden_rows, hidden)   the draft's own hidden states, for the rest
+                                                          (feature_rows + hidden_rows = seq; either may be 0)
+    ->
+    logits         float32 (batch, seq, draft_vocab)      over the draft's reduced vocabulary (a map gives target ids)
+    hidden_states  float32 (batch, seq, hidden)           fed back as ``hidden`` for the tokens below each node
+    present.0.key / .value
 
 KV-commit helper graph (moves accepted rows into place, on the device, in place)::
 
@@ -44,6 +57,10 @@ TREE_MASK = "tree_mask"
 LOGITS = "logits"
 COMMIT_SRC = "src"
 COMMIT_DST = "dst"
+FEATURES = "features"
+HIDDEN = "hidden"
+HIDDEN_STATES = "hidden_states"
+DECODER, FEATURE_DRAFT, KV_COMMIT = "decoder", "feature_draft", "kv_commit"
 
 KV_DTYPES = ("float32", "float16")
 
@@ -82,30 +99,58 @@ class NodeArgLike(Protocol):
 
 @dataclass(frozen=True)
 class GraphContract:
-    kind: str  # "decoder" | "kv_commit"
+    kind: str  # "decoder" | "feature_draft" | "kv_commit"
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    vocab_size: int
+    vocab_size: int  # logits width: the target vocabulary, or a feature draft's reduced one
     kv_dtype: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    feature_layers: tuple[int, ...] = ()  # decoder: the layers whose inputs the features output holds
+    feature_width: int = 0  # width of the features output (decoder) or input (feature draft)
+    hidden_size: int = 0  # feature draft: width of its hidden input and hidden_states output
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str) -> "GraphContract":
+    def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
+                feature_layers: tuple[int, ...] = (), hidden_size: int = 0) -> "GraphContract":
+        """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads."""
         _check_kv_dtype(kv_dtype)
-        kv_cache = ("batch", num_kv_heads, "capacity", head_dim)
-        inputs = [
-            TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
-            TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
-            TensorSpec(TREE_MASK, "bool", ("batch", 1, "seq", "total")),
-        ]
+        if feature_layers and (hidden_size < 1 or any(not 0 <= k < num_layers for k in feature_layers)):
+            raise ContractError(f"feature layers {feature_layers} must lie in [0, {num_layers}) with a hidden size")
+        width = len(feature_layers) * hidden_size
+        inputs = _token_inputs()
         outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab_size))]
-        for layer in range(num_layers):
-            inputs += [TensorSpec(n, kv_dtype, kv_cache) for n in past_names(layer)]
-            outputs += [TensorSpec(n, kv_dtype, kv_cache) for n in present_names(layer)]
-        return cls("decoder", num_layers, num_kv_heads, head_dim, vocab_size, kv_dtype, tuple(inputs), tuple(outputs))
+        if feature_layers:
+            outputs.append(TensorSpec(FEATURES, "float32", ("batch", "seq", width)))
+        inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
+        return cls(DECODER, num_layers, num_kv_heads, head_dim, vocab_size, kv_dtype, inputs, outputs,
+                   tuple(feature_layers), width, hidden_size if feature_layers else 0)
+
+    @classmethod
+    def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
+                      kv_dtype: str) -> "GraphContract":
+        _check_kv_dtype(kv_dtype)
+        inputs = _token_inputs() + [TensorSpec(FEATURES, "float32", ("batch", "feature_rows", feature_width)),
+                                    TensorSpec(HIDDEN, "float32", ("batch", "hidden_rows", hidden_size))]
+        outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", draft_vocab)),
+                   TensorSpec(HIDDEN_STATES, "float32", ("batch", "seq", hidden_size))]
+        inputs, outputs = _with_cache(inputs, outputs, 1, num_kv_heads, head_dim, kv_dtype)
+        return cls(FEATURE_DRAFT, 1, num_kv_heads, head_dim, draft_vocab, kv_dtype, inputs, outputs, (),
+                   feature_width, hidden_size)
+
+    @property
+    def extra_inputs(self) -> tuple[TensorSpec, ...]:
+        """Inputs besides tokens, positions, mask and cache (a feature draft's features and hidden)."""
+        fixed = {INPUT_IDS, POSITION_IDS, TREE_MASK, *self.past_input_names}
+        return tuple(s for s in self.inputs if s.name not in fixed)
+
+    @property
+    def extra_outputs(self) -> tuple[TensorSpec, ...]:
+        """Per-token outputs besides logits and the cache (features, hidden_states): (batch, seq, width)."""
+        fixed = {LOGITS, *self.present_output_names}
+        return tuple(s for s in self.outputs if s.name not in fixed)
 
     def kv_commit(self) -> "GraphContract":
         """The contract of the helper graph that moves accepted rows of this decoder's cache into place."""
@@ -113,7 +158,7 @@ class GraphContract:
         inputs = [TensorSpec(n, self.kv_dtype, kv_cache) for n in self.past_input_names]
         inputs += [TensorSpec(COMMIT_SRC, "int64", ("moved",)), TensorSpec(COMMIT_DST, "int64", ("batch",))]
         outputs = [TensorSpec(n, self.kv_dtype, kv_cache) for n in self.present_output_names]
-        return GraphContract("kv_commit", self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size,
+        return GraphContract(KV_COMMIT, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size,
                              self.kv_dtype, tuple(inputs), tuple(outputs))
 
     # -- names -------------------------------------------------------------------------------------------------
@@ -137,6 +182,9 @@ class GraphContract:
             "kv_dtype": self.kv_dtype,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            "feature_layers": list(self.feature_layers),
+            "feature_width": self.feature_width,
+            "hidden_size": self.hidden_size,
         }
 
     @classmethod
@@ -157,6 +205,9 @@ class GraphContract:
                 kv_dtype=str(d["kv_dtype"]),
                 inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
                 outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+                feature_layers=tuple(int(k) for k in d.get("feature_layers") or ()),
+                feature_width=int(d.get("feature_width") or 0),
+                hidden_size=int(d.get("hidden_size") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"malformed graph contract ({exc!r}); re-export the bundle") from exc
@@ -168,6 +219,23 @@ class GraphContract:
         """Raise ContractError unless an ONNX Runtime session's inputs and outputs match this contract."""
         _check_args(self.inputs, list(inputs), f"{graph} inputs")
         _check_args(self.outputs, list(outputs), f"{graph} outputs")
+
+
+def _token_inputs() -> list[TensorSpec]:
+    return [
+        TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
+        TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
+        TensorSpec(TREE_MASK, "bool", ("batch", 1, "seq", "total")),
+    ]
+
+
+def _with_cache(inputs: list[TensorSpec], outputs: list[TensorSpec], num_layers: int, num_kv_heads: int,
+                head_dim: int, kv_dtype: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    kv_cache = ("batch", num_kv_heads, "capacity", head_dim)
+    for layer in range(num_layers):
+        inputs = inputs + [TensorSpec(n, kv_dtype, kv_cache) for n in past_names(layer)]
+        outputs = outputs + [TensorSpec(n, kv_dtype, kv_cache) for n in present_names(layer)]
+    return tuple(inputs), tuple(outputs)
 
 
 _ORT_TYPES = {

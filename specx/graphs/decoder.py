@@ -8,6 +8,7 @@ One graph per model, the contract of ``specx.graphs.contract`` (static KV: past 
     layer i:   SkipNorm(h, residual) -> x ---- attention(x) ---> a      MatMul(qkv), GroupQueryAttention, MatMul(o)
                SkipNorm(a, residual) -> x ---- mlp(x) ---------> h      MatMul(gate), MatMul(up), act, Mul, MatMul
     SkipNorm(h, residual) -> MatMul(lm_head) -> logits
+    Concat(inputs of the contract's feature layers) -> features           (targets of a feature draft only)
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
 that feed a residual (o_proj, down_proj) ride in the following SkipNorm's bias input.
@@ -23,7 +24,7 @@ import onnx
 from onnx import TensorProto
 
 from specx.graphs.builder import MS_DOMAIN, GraphBuilder
-from specx.graphs.contract import INPUT_IDS, LOGITS, POSITION_IDS, TREE_MASK, GraphContract
+from specx.graphs.contract import FEATURES, INPUT_IDS, LOGITS, POSITION_IDS, TREE_MASK, GraphContract
 from specx.runtime.manifest import ArchitectureSpec
 
 MASK_AXIS_TOTAL = 3  # tree_mask (batch, 1, seq, total)
@@ -95,8 +96,10 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     attention = _attention_inputs(b, float_dtype)
     h = _embeddings(b, arch, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
+    layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
     for i, layer in enumerate(weights.layers):
         prefix = f"/model/layers.{i}"
+        layer_inputs.append(residual)
         a = _attention(b, i, arch, weights, layer, attention, x)
         x, residual = _skip_norm(b, f"{prefix}/post_attention_layernorm", family, layer.mlp_norm, a, residual,
                                  layer.o.bias)
@@ -107,7 +110,17 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     x, _ = _skip_norm(b, "/model/norm", family, weights.final_norm, h, residual, weights.layers[-1].down.bias)
     logits = _lm_head(b, weights, x, head, float_dtype)
     b.rename_output(logits, LOGITS)
+    if contract.feature_layers:
+        _features(b, [layer_inputs[k] for k in contract.feature_layers], float_dtype)
     return b.model(contract.inputs, contract.outputs, opset)
+
+
+def _features(b: GraphBuilder, layer_inputs: list[str], float_dtype: str) -> None:
+    """The feature draft's input: the chosen layers' inputs side by side, (batch, seq, layers * hidden) float32."""
+    features = b.op1("Concat", layer_inputs, "/model/features/Concat", axis=-1)
+    if float_dtype != "float32":
+        features = b.op1("Cast", [features], "/model/features/Cast", to=TensorProto.FLOAT)
+    b.rename_output(features, FEATURES)
 
 
 def _attention_inputs(b: GraphBuilder, float_dtype: str) -> _Attention:

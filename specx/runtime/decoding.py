@@ -11,7 +11,9 @@ from typing import Iterator
 import numpy as np
 
 from specx.runtime.acceptance import Acceptance, accept
-from specx.runtime.drafting import DraftTree, StageTwoLog, TreeShape, grow_tree
+from specx.graphs.contract import FEATURES
+from specx.runtime.drafting import DraftModel, DraftTree, StageTwoLog, TreeShape, grow_tree
+from specx.runtime.feature_draft import FeatureDraft, FeatureLog
 from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig, choose_token
 from specx.runtime.session import DecoderSession
@@ -64,12 +66,16 @@ def autoregressive(target: DecoderSession, request: DecodeRequest, rng: np.rando
 
 
 class ModelDrafter:
-    """Drafts with the draft model (tree speculative), optionally sped up by an n-gram proposer (staged)."""
+    """Drafts with a draft model (tree speculative), optionally sped up by an n-gram proposer (staged)."""
 
-    def __init__(self, draft: DecoderSession, ngram: SessionNgram | None, log: StepLog):
-        self.session = draft
+    def __init__(self, model: DraftModel, ngram: SessionNgram | None, log: StepLog):
+        self.model = model
+        self.session = model.session
         self.ngram = ngram
         self.log = log
+
+    def prefilled(self, target: DecoderSession, first_position: int) -> None:
+        """The target just ran the prompt from ``first_position`` on (nothing to take from it here)."""
 
     def start(self, committed: list[int]) -> None:
         """Keep the draft's cached rows that the prompt starts with (the root itself is always fed)."""
@@ -80,15 +86,42 @@ class ModelDrafter:
         pending = np.asarray(committed[self.session.past_len:], dtype=np.int64)
         self.log.planned_draft_calls += shape.depth
         if self.ngram is None:
-            return grow_tree(self.session, pending, shape)
+            return grow_tree(self.model, pending, shape)
         self.ngram.update(committed)
-        return grow_tree(self.session, pending, shape, self.ngram.propose, committed, self.log.stage_two)
+        return grow_tree(self.model, pending, shape, self.ngram.propose, committed, self.log.stage_two)
 
-    def commit(self, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
+    def commit(self, target: DecoderSession, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
         """Keep the committed tokens and the accepted nodes the draft has processed (a prefix of the path)."""
         kept = [drafted.slots[n] for n in result.path if n in drafted.slots]
         self.session.select(np.concatenate([np.arange(committed_len, dtype=np.int64),
                                             np.asarray(kept, dtype=np.int64)]))
+
+
+class FeatureDrafter(ModelDrafter):
+    """Drafts with a trained feature draft: its first call each step reads the target's features of the tokens
+    committed since (``specx.runtime.feature_draft``)."""
+
+    def __init__(self, model: FeatureDraft, ngram: SessionNgram | None, log: StepLog):
+        super().__init__(model, ngram, log)
+        self.features = FeatureLog(model.session.contract.feature_width)
+        self.feature_draft = model
+
+    def prefilled(self, target: DecoderSession, first_position: int) -> None:
+        self.features.clear()
+        self.features.record(first_position, target.outputs[FEATURES][0])  # (rows, F)
+
+    def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        first = self.session.past_len  # pending tokens at [first, len): each reads the features of the one before
+        self.feature_draft.pending_features = self.features.take(range(first - 1, len(committed) - 1))
+        return super().draft(committed, shape)
+
+    def commit(self, target: DecoderSession, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
+        """Log the target's features of the root and the accepted nodes; drop the draft's tree rows (the accepted
+        tokens run again next step, with those features)."""
+        rows = target.outputs[FEATURES][0][[0, *result.path]]  # (1 + accepted, F)
+        self.features.record(committed_len - 1, rows)
+        self.features.forget_before(committed_len - 1)
+        self.session.rewind(committed_len)
 
 
 class NgramDrafter:
@@ -108,7 +141,10 @@ class NgramDrafter:
         tokens = np.asarray([committed[-1], *proposal], dtype=np.int64)
         return DraftTree(tokens, chain(tokens.size), {})
 
-    def commit(self, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
+    def prefilled(self, target: DecoderSession, first_position: int) -> None:
+        """Nothing to take from the target's prompt pass."""
+
+    def commit(self, target: DecoderSession, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
         self.log.stage_two.accepted += len(result.path)
 
 
@@ -126,6 +162,7 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
     cached = target.reuse(committed[:-1])  # cached rows the prompt starts with are reused
     if len(committed) - 1 > cached:
         feed(target, np.asarray(committed[cached:-1], dtype=np.int64))
+        drafter.prefilled(target, cached)
     drafter.start(committed)
     produced = 0
     while True:
@@ -135,7 +172,7 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
         logits = verify(target, drafted)
         result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng)
         target.commit([0, *result.path])  # root + accepted nodes, in path order
-        drafter.commit(drafted, result, len(committed))
+        drafter.commit(target, drafted, result, len(committed))
         log.accepted.append(len(result.path))
         for token in [*(int(drafted.tokens[n]) for n in result.path), result.next_token]:
             yield token

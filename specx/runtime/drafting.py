@@ -18,12 +18,16 @@ draft's choices enter the tree; the target's acceptance is unchanged, hence loss
 
 The draft's cache holds the committed tokens, then everything the draft ran this step (processed nodes and rejected
 chain tokens); ``DraftTree.slots`` says where the kept nodes are, so the accepted path can be kept after acceptance.
+
+Two kinds of draft grow trees the same way (``DraftModel``): a decoder over the target's vocabulary (a separate
+model, or one derived from the target: ``TokenDraft``), and a trained feature draft (``specx.runtime.feature_draft``)
+whose rows also read a state: the target's features in the first call, the parent node's hidden state below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -67,6 +71,40 @@ class DraftTree:
     slots: dict[int, int]  # node -> absolute position in the draft cache, for nodes the draft processed
 
 
+@dataclass(frozen=True)
+class DraftPass:
+    logits: np.ndarray  # (rows, draft vocabulary)
+    hidden: np.ndarray | None = None  # (rows, hidden): a feature draft's states, read by the rows below
+
+
+class DraftModel(Protocol):
+    session: DecoderSession
+    vocab_map: np.ndarray | None  # draft vocabulary id -> target token id; None: the same vocabulary
+
+    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> DraftPass:
+        """The step's first call: committed tokens the draft has not seen, ending with the root."""
+
+    def level(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+              states: np.ndarray | None) -> DraftPass:
+        """A tree level: ``states`` (rows, hidden) = each row's parent's hidden state (feature drafts)."""
+
+
+class TokenDraft:
+    """A draft decoder over the target's vocabulary: it reads tokens only."""
+
+    vocab_map = None
+
+    def __init__(self, session: DecoderSession):
+        self.session = session
+
+    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> DraftPass:
+        return DraftPass(self.session.forward(tokens, positions, mask)[0])
+
+    def level(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+              states: np.ndarray | None) -> DraftPass:
+        return DraftPass(self.session.forward(tokens, positions, mask)[0])
+
+
 @dataclass
 class StageTwoLog:
     proposed: int = 0  # tokens the proposer suggested
@@ -80,12 +118,14 @@ class _Growth:
     shape: TreeShape
     root_pos: int
     committed: int  # draft cache positions [0, committed) hold the committed tokens
+    vocab_map: np.ndarray | None = None  # draft id -> target id
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     slots: dict[int, int] = field(default_factory=dict)  # processed node -> draft cache position
     children: dict[int, dict[int, int]] = field(default_factory=dict)  # processed node -> {token: child}
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # processed node -> its hidden state (feature drafts)
 
     def add(self, token: int, parent: int, value: float) -> int:
         self.tokens.append(token)
@@ -94,15 +134,22 @@ class _Growth:
         self.values.append(value)
         return len(self.tokens) - 1
 
-    def process(self, node: int, slot: int, logits: np.ndarray) -> None:
-        """The draft ran on ``node``: record where, and create its children from its top tokens."""
+    def process(self, node: int, slot: int, out: DraftPass, row: int) -> None:
+        """The draft ran on ``node`` (row ``row`` of pass ``out``): record where, and create its children from its
+        top tokens."""
         self.slots[node] = slot
         self.children[node] = {}
+        if out.hidden is not None:
+            self.hidden[node] = out.hidden[row]
         if self.depths[node] >= self.shape.depth:
             return
-        probs = softmax(logits.astype(np.float64))
-        for token in _top(probs, self.shape.width):
-            self.children[node][int(token)] = self.add(int(token), node, self.values[node] * float(probs[token]))
+        probs = softmax(out.logits[row].astype(np.float64))
+        for index in _top(probs, self.shape.width):
+            token = int(index) if self.vocab_map is None else int(self.vocab_map[index])
+            self.children[node][token] = self.add(token, node, self.values[node] * float(probs[index]))
+
+    def parent_state(self, node: int) -> np.ndarray | None:
+        return self.hidden.get(self.parents[node])
 
     def path_tokens(self, node: int) -> list[int]:
         out = []
@@ -131,26 +178,27 @@ def _top(probs: np.ndarray, k: int) -> np.ndarray:
     return idx[np.argsort(-probs[idx], kind="stable")]
 
 
-def grow_tree(draft: DecoderSession, pending: np.ndarray, shape: TreeShape, proposer: Proposer | None = None,
+def grow_tree(model: DraftModel, pending: np.ndarray, shape: TreeShape, proposer: Proposer | None = None,
               context: Sequence[int] = (), stage_two: StageTwoLog | None = None) -> DraftTree:
     """Build the step's token tree.
 
     ``pending`` = committed tokens the draft has not seen yet, ending with the root; ``context`` = all committed
     tokens (what the proposer conditions on). With a ``proposer``, the draft checks proposed chains (stage 2).
     """
+    draft = model.session
     root_pos = draft.past_len + pending.size - 1
     run = chain(pending.size)
-    logits = draft.forward(pending[None], run.positions(draft.past_len), run.attention_mask(draft.past_len))
+    out = model.first(pending[None], run.positions(draft.past_len), run.attention_mask(draft.past_len))
     draft.commit()
-    growth = _Growth(shape, root_pos, committed=draft.past_len)
+    growth = _Growth(shape, root_pos, committed=draft.past_len, vocab_map=model.vocab_map)
     growth.add(int(pending[-1]), -1, 1.0)
-    growth.process(0, root_pos, logits[0, -1])
+    growth.process(0, root_pos, out, pending.size - 1)
     for _ in range(1, shape.depth):
         frontier = growth.frontier()
         if not frontier or growth.values[frontier[0]] < shape.threshold:  # adaptive depth: not worth a draft call
             break
         chains = _propose(growth, frontier, proposer, context, stage_two)
-        _draft_call(draft, growth, frontier, chains, stage_two)
+        _draft_call(model, growth, frontier, chains, stage_two)
     return _select(growth)
 
 
@@ -168,35 +216,44 @@ def _propose(growth: _Growth, frontier: list[int], proposer: Proposer | None, co
     return chains
 
 
-def _draft_call(draft: DecoderSession, growth: _Growth, frontier: list[int], chains: list[list[int]],
+def _draft_call(model: DraftModel, growth: _Growth, frontier: list[int], chains: list[list[int]],
                 log: StageTwoLog | None) -> None:
-    """One draft call over the frontier nodes and the chains proposed below them."""
+    """One draft call over the frontier nodes and the chains proposed below them.
+
+    A feature draft's row reads its parent's hidden state. A chain token's parent runs in the same call, so its
+    state is not known yet: the chain reads the frontier node's parent state instead (an approximation that only
+    changes which tokens the draft proposes, never the output)."""
+    draft = model.session
     past = draft.past_len
     tokens: list[int] = []
     positions: list[int] = []
     visible: list[list[int]] = []  # per row: cache or in-pass positions it attends to, besides the committed ones
+    states: list[np.ndarray | None] = []
     for node, proposal in zip(frontier, chains):
         seen = growth.ancestor_slots(node)
+        state = growth.parent_state(node)
         for offset, token in enumerate([growth.tokens[node], *proposal]):
             seen = seen + [past + len(tokens)]  # itself, then visible to the chain tokens after it
             tokens.append(int(token))
             positions.append(growth.root_pos + growth.depths[node] + offset)
             visible.append(seen)
+            states.append(state)
     mask = np.zeros((1, 1, len(tokens), past + len(tokens)), dtype=bool)  # (1, 1, rows, past + rows)
     mask[0, 0, :, : growth.committed] = True
     for row, seen in enumerate(visible):
         mask[0, 0, row, seen] = True
-    logits = draft.forward(np.asarray([tokens], dtype=np.int64), np.asarray([positions], dtype=np.int64), mask)
+    hidden = np.stack(states)[None] if states[0] is not None else None  # (1, rows, hidden)
+    out = model.level(np.asarray([tokens], dtype=np.int64), np.asarray([positions], dtype=np.int64), mask, hidden)
     draft.commit()
     row = 0
     for node, proposal in zip(frontier, chains):
-        growth.process(node, past + row, logits[0, row])
+        growth.process(node, past + row, out, row)
         current = node
         for offset, token in enumerate(proposal, start=1):
             child = growth.children[current].get(int(token))
             if child is None:  # not a token the draft would choose: the rest of the chain is wasted
                 break
-            growth.process(child, past + row + offset, logits[0, row + offset])
+            growth.process(child, past + row + offset, out, row + offset)
             if log is not None:
                 log.accepted += 1
             current = child

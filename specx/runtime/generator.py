@@ -18,11 +18,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from specx.errors import CapacityError, InvalidArgumentError
+from specx.errors import BundleError, CapacityError, InvalidArgumentError
 from specx.runtime.bundle import Bundle
 from specx.runtime.chat import Messages, render_chat
-from specx.runtime.decoding import DecodeRequest, ModelDrafter, NgramDrafter, StepLog, autoregressive, speculative
-from specx.runtime.drafting import TreeShape
+from specx.runtime.decoding import (DecodeRequest, FeatureDrafter, ModelDrafter, NgramDrafter, StepLog, autoregressive,
+                                    speculative)
+from specx.runtime.drafting import TokenDraft, TreeShape
+from specx.runtime.feature_draft import FeatureDraft, check_feature_draft
 from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.sampling import SamplingConfig
@@ -100,6 +102,7 @@ class Generator:
         if max_context is not None and not 1 <= max_context <= context:
             raise InvalidArgumentError(f"max_context must lie in [1, {context}] (the model's context), got {max_context}")
         self.max_context = max_context or context
+        self.vocab_map: np.ndarray | None = None  # a feature draft's: draft id -> target id
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "auto", max_context: int | None = None,
@@ -115,7 +118,11 @@ class Generator:
             if manifest.draft else None
         ngram = KatzTrigram.load(bundle.path / manifest.ngram.file, manifest.target.contract.vocab_size) \
             if manifest.ngram else None
-        return cls(bundle, target, draft, ngram, max_context)
+        generator = cls(bundle, target, draft, ngram, max_context)
+        if draft is not None and manifest.draft.is_feature_draft:
+            generator.vocab_map = _vocab_map(bundle, manifest.draft)
+            check_feature_draft(target, draft, generator.vocab_map)
+        return generator
 
     @property
     def provider(self) -> str:
@@ -248,7 +255,7 @@ class Generator:
         elif mode == "ngram":
             tokens_iter = speculative(self.target, NgramDrafter(session_ngram, log), request, shape, rng, log)
         else:
-            drafter = ModelDrafter(self.draft, session_ngram, log)
+            drafter = self._drafter(session_ngram, log)
             tokens_iter = speculative(self.target, drafter, request, shape, rng, log)
         decoder = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []
@@ -267,6 +274,11 @@ class Generator:
         stats.reused_prompt_tokens = reused
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
+
+    def _drafter(self, ngram: SessionNgram | None, log: StepLog) -> ModelDrafter:
+        if self.vocab_map is not None:
+            return FeatureDrafter(FeatureDraft(self.draft, self.vocab_map), ngram, log)
+        return ModelDrafter(TokenDraft(self.draft), ngram, log)
 
     def _reserve(self, mode: str, request: DecodeRequest, shape: TreeShape) -> None:
         """Allocate the caches once, before any pass: committed tokens plus the largest pass's extra rows (a tree
@@ -327,6 +339,17 @@ def tree_shape(budget: int | None, depth: int | None, threshold: float = 0.0) ->
     depth = DEFAULT_TREE_DEPTH if depth is None else depth
     budget = max(DEFAULT_TREE_BUDGET, depth) if budget is None else budget
     return TreeShape(budget=budget, depth=depth, threshold=threshold)
+
+
+def _vocab_map(bundle: Bundle, entry: ModelEntry) -> np.ndarray:
+    if entry.vocab_map is None:
+        raise BundleError(f"{bundle.path}: the feature draft has no vocabulary map; retrain it with `specx train-draft`")
+    path = bundle.path / entry.vocab_map
+    try:
+        return np.load(path, allow_pickle=False).astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read the draft's vocabulary map {path} ({exc}); retrain it with "
+                          "`specx train-draft`") from exc
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,

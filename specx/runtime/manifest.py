@@ -6,6 +6,7 @@ Bundle layout::
              target.onnx (+ target.onnx.data)     decoder graph, see specx.graphs.contract
              target.kv_commit.onnx                helper graph that moves accepted KV rows into place
              draft.onnx, draft.kv_commit.onnx     when the bundle has a draft
+             draft_vocab.npy                      a trained feature draft's vocabulary map
              ngram.npz                            Katz trigram table (draft2), when built
              tokenizer.json
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from specx.errors import BundleError
-from specx.graphs.contract import GraphContract
+from specx.graphs.contract import FEATURE_DRAFT, GraphContract
 
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -57,6 +58,12 @@ class ModelEntry:
     parity: dict[str, float] = field(default_factory=dict)  # max_abs_logit_diff, tolerance
     derived_from: str | None = None  # e.g. "self:layers=4" for drafts made from the target
     quantization: dict[str, Any] | None = None  # weight-only scheme: bits, block_size, accuracy_level, lm_head
+    vocab_map: str | None = None  # feature draft: .npy file, draft vocabulary id -> target token id
+    training: dict[str, Any] | None = None  # trained drafts: kind, data, seed, figures reached (specx train-draft)
+
+    @property
+    def is_feature_draft(self) -> bool:
+        return self.contract.kind == FEATURE_DRAFT
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,6 +83,8 @@ class ModelEntry:
             parity=dict(d.get("parity") or {}),
             derived_from=d.get("derived_from"),
             quantization=d.get("quantization"),
+            vocab_map=d.get("vocab_map"),
+            training=d.get("training"),
         )
 
 

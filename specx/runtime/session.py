@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -139,7 +139,10 @@ class DecoderSession:
         self._kv_type = _NUMPY_KV[contract.kv_dtype]
         self._cache: list[ort.OrtValue] = []  # one per past name: (batch, kv_heads, capacity, head_dim)
         self._binding: ort.IOBinding | None = None  # the decoder's binding: the cache bound once per allocation
-        self._logits: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}  # seq -> host logits buffer
+        self._host: dict[int, dict[str, tuple[np.ndarray, ort.OrtValue]]] = {}  # seq -> output name -> host buffer
+        self._widths = {LOGITS: contract.vocab_size, **{s.name: int(s.shape[-1]) for s in contract.extra_outputs}}
+        self._extra_inputs = contract.extra_inputs
+        self.outputs: dict[str, np.ndarray] = {}  # the last pass's outputs besides logits (features, hidden_states)
         self.capacity = 0
         self.past_len = 0
         self._pending_len = 0
@@ -198,10 +201,14 @@ class DecoderSession:
             self._binding.bind_ortvalue_output(present, value)
 
     # -- passes ------------------------------------------------------------------------------------------------
-    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray) -> np.ndarray:
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+                extra: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Run one pass over new tokens against the committed cache; return logits (batch, seq, vocab) float32.
 
-        The pass's KV stays pending until ``commit``; a second forward without commit overwrites it.
+        ``extra``: the contract's other inputs (a feature draft's features and hidden). The contract's other
+        per-token outputs (features, hidden_states) land in ``self.outputs`` (valid until the next pass of the same
+        length: copy what you keep). The pass's KV stays pending until ``commit``; a second forward without commit
+        overwrites it.
         """
         seq = input_ids.shape[1]
         total = self.past_len + seq
@@ -218,26 +225,35 @@ class DecoderSession:
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         io.bind_cpu_input(TREE_MASK, np.ascontiguousarray(tree_mask, dtype=bool))
-        host, value = self._logits_buffer(seq)
-        io.bind_ortvalue_output(LOGITS, value)
+        for spec in self._extra_inputs:
+            if extra is None or spec.name not in extra:
+                raise InvalidArgumentError(f"this graph needs the input {spec.name!r}")
+            io.bind_cpu_input(spec.name, np.ascontiguousarray(extra[spec.name], dtype=np.float32))
+        buffers = self._buffers(seq)
+        for name, (_, value) in buffers.items():
+            io.bind_ortvalue_output(name, value)
         start = time.perf_counter()
         self._decoder.run_with_iobinding(io)
-        logits = host.copy()  # (batch, seq, vocab); the buffer is reused by the next pass of this length
+        logits = buffers[LOGITS][0].copy()  # (batch, seq, vocab); the buffer is reused by the next pass of this length
+        self.outputs = {name: host for name, (host, _) in buffers.items() if name != LOGITS}
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self._pending_len = seq
         self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
         return logits
 
-    def _logits_buffer(self, seq: int) -> tuple[np.ndarray, ort.OrtValue]:
-        """A host array the pass writes its logits into (an OrtValue over the array's memory, no extra copy)."""
-        if seq in self._logits:
-            return self._logits[seq]
-        host = np.empty((self.batch, seq, self.contract.vocab_size), dtype=np.float32)
-        buffer = (host, ort.OrtValue.ortvalue_from_numpy(host, "cpu", 0))
-        if seq <= REUSED_LOGITS_ROWS:  # steps and trees; a long prompt's buffer is not kept
-            self._logits[seq] = buffer
-        return buffer
+    def _buffers(self, seq: int) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """Host arrays the pass writes its per-token outputs into (OrtValues over the arrays' memory, no extra
+        copy): logits (batch, seq, vocab) and the contract's other outputs (batch, seq, width)."""
+        if seq in self._host:
+            return self._host[seq]
+        buffers = {}
+        for name, width in self._widths.items():
+            host = np.empty((self.batch, seq, width), dtype=np.float32)
+            buffers[name] = (host, ort.OrtValue.ortvalue_from_numpy(host, "cpu", 0))
+        if seq <= REUSED_LOGITS_ROWS:  # steps and trees; a long prompt's buffers are not kept
+            self._host[seq] = buffers
+        return buffers
 
     def commit(self, keep: Sequence[int] | np.ndarray | None = None) -> None:
         """Make the last pass's KV part of the cache: all new positions, or only ``keep`` (indices into the pass,

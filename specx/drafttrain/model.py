@@ -1,0 +1,140 @@
+"""The feature draft in PyTorch: exactly the computation of ``specx.graphs.feature_draft`` (a parity test holds
+them together), plus the masked multi-step attention the training-time unroll needs.
+
+A pass takes, per row t: a token x_t and a state s_t (the target's features at t - 1 fused, or the draft's own
+hidden state of the row before); it returns logits for x_{t+1} over the draft vocabulary and the row's hidden state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specx.graphs.decoder import LayerWeights, Linear, Norm
+from specx.graphs.feature_draft import DRAFT_NORM_EPS, FeatureDraftWeights
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = DRAFT_NORM_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class FeatureDraftModel(nn.Module):
+    def __init__(self, embed: torch.Tensor, feature_width: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 ffn: int, draft_vocab: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        super().__init__()
+        hidden = embed.shape[1]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.register_buffer("embed", embed.detach().clone(), persistent=False)  # frozen: the target's
+        self.register_buffer("rope_cos", rope_cos.detach().clone(), persistent=False)  # (positions, head_dim / 2)
+        self.register_buffer("rope_sin", rope_sin.detach().clone(), persistent=False)
+        self.fuse = nn.Linear(feature_width, hidden, bias=False)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.attn_norm = RMSNorm(hidden)
+        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.mlp_norm = RMSNorm(hidden)
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+        self.norm = RMSNorm(hidden)
+        self.head = nn.Linear(hidden, draft_vocab, bias=False)
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def layer_input(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, seq), state (batch, seq, hidden) -> the layer's input (batch, seq, hidden)."""
+        return self.fc(torch.cat([self.embed[tokens], state], dim=-1))
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, seq, hidden) -> q (batch, heads, seq, hd), k and v (batch, heads, seq, hd) (kv repeated)."""
+        batch, seq, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (batch, 1, seq, hd / 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        return q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the layer's input; attended (batch, heads, seq, hd) -> (logits, hidden_states)."""
+        batch, _, seq, _ = attended.shape
+        r = x + self.o_proj(attended.transpose(1, 2).reshape(batch, seq, -1))
+        h = self.mlp_norm(r)
+        out = r + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.head(self.norm(out)), out
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass with no cache: mask (batch, 1, seq, seq) bool, True where row i may attend to row j."""
+        x = self.layer_input(tokens, state)
+        q, k, v = self.qkv(x, positions)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
+        return self.finish(x, attended)
+
+    # -- export ------------------------------------------------------------------------------------------------
+    def to_weights(self) -> FeatureDraftWeights:
+        """The graph builder's layout: x @ W matrices, q/k/v and nothing else packed."""
+        def t(linear: nn.Linear):  # (out, in) -> (in, out)
+            return linear.weight.detach().float().numpy().T.copy()
+        import numpy as np
+        qkv = np.concatenate([t(self.q_proj), t(self.k_proj), t(self.v_proj)], axis=1)
+        layer = LayerWeights(
+            attn_norm=Norm(self.attn_norm.weight.detach().numpy().copy()),
+            qkv=Linear(qkv), o=Linear(t(self.o_proj)),
+            mlp_norm=Norm(self.mlp_norm.weight.detach().numpy().copy()),
+            gate=Linear(t(self.gate_proj)), up=Linear(t(self.up_proj)), down=Linear(t(self.down_proj)),
+        )
+        return FeatureDraftWeights(
+            embed=self.embed.float().numpy(), fuse=Linear(t(self.fuse)), fc=Linear(t(self.fc)), layer=layer,
+            final_norm=Norm(self.norm.weight.detach().numpy().copy()), head=t(self.head),
+            rope_cos=self.rope_cos.float().numpy(), rope_sin=self.rope_sin.float().numpy())
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, halves not interleaved (as GroupQueryAttention's do_rotary with rotary_interleaved=0)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def unrolled_logits(model: FeatureDraftModel, tokens: torch.Tensor, fused: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The training-time unroll: step 0 reads the target's (fused) features; step k reads the draft's own hidden
+    states of step k - 1, shifted one row, as a tree level k deep does at run time.
+
+    tokens (batch, seq); fused (batch, seq, hidden) = fuse(target features at t - 1). Row t of step k attends to
+    step 0's rows <= t - k (the committed prefix, which had the target's features) and to the rows t - k + j of
+    steps j = 1..k (its drafted ancestors and itself). Returns logits (batch, seq, draft_vocab) per step; rows
+    t < k of step k have no valid input and must be left out of the loss.
+    """
+    batch, seq = tokens.shape
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    rows = torch.arange(seq)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
+    state = fused
+    for k in range(steps):
+        x = model.layer_input(tokens, state)
+        q, key, value = model.qkv(x, positions)
+        keys.append(key)
+        values.append(value)
+        blocks = [rows[None, :] <= rows[:, None] - k]  # step 0: the prefix up to t - k
+        blocks += [rows[None, :] == rows[:, None] - k + j for j in range(1, k + 1)]  # step j: one row each
+        mask = torch.cat(blocks, dim=1)  # (seq, (k + 1) * seq)
+        mask = mask | ~mask.any(dim=1, keepdim=True)  # rows with nothing to see (t < k): any row, dropped later
+        attended = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                                  attn_mask=mask, scale=model.head_dim ** -0.5)
+        logits, hidden = model.finish(x, attended)
+        out.append(logits)
+        state = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)  # row t reads row t - 1's
+    return out

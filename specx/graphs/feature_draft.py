@@ -1,0 +1,71 @@
+"""The feature draft's graph: one decoder layer that reads the target's features (EAGLE-3 style), built from the
+trained weights with the target decoder's own blocks (``specx.graphs.decoder``)::
+
+    features (batch, feature_rows, F) --MatMul(fuse)--> (batch, feature_rows, hidden)   target features, fused
+    hidden   (batch, hidden_rows, hidden) -------------------------------------------  the draft's own states
+        Concat(axis=1) -> g (batch, seq, hidden)           the first feature_rows tokens, then the rest
+    input_ids --Gather(embed)--> e;  Concat(e, g, axis=-1) --MatMul(fc)--> x              (batch, seq, hidden)
+    x -> RMSNorm -> attention (GroupQueryAttention over the draft's one-layer cache, tree bias) -> SkipNorm(+x)
+      -> SwiGLU MLP -> SkipNorm(+residual, final norm) -> normed, sum
+    sum    -> hidden_states (batch, seq, hidden)         what the next tree level reads as ``hidden``
+    normed -> MatMul(head) -> logits (batch, seq, draft_vocab)
+
+The layer is llama-style (RMSNorm, rotary, SwiGLU) whatever the target's family: one trainer, one graph path. Row t
+of a pass predicts the token after ``input_ids[t]`` from that token's embedding and the state *before* it (the
+target's features at position t - 1, or the parent node's ``hidden_states``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from specx.graphs.builder import GraphBuilder
+from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
+from specx.graphs.decoder import (DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs, _linear,
+                                  _mlp, _norm, _skip_norm)
+from specx.runtime.manifest import ArchitectureSpec
+
+DRAFT_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class FeatureDraftWeights:
+    embed: np.ndarray  # (target vocab, hidden): the target's token embedding, frozen
+    fuse: Linear  # (feature_width, hidden): target features -> hidden
+    fc: Linear  # (2 * hidden, hidden): [token embedding, state] -> the layer's input
+    layer: LayerWeights
+    final_norm: Norm
+    head: np.ndarray  # (hidden, draft_vocab)
+    rope_cos: np.ndarray  # (max_positions, head_dim / 2)
+    rope_sin: np.ndarray
+
+
+def draft_family(eps: float = DRAFT_NORM_EPS) -> DecoderFamily:
+    return DecoderFamily(norm="rms", norm_eps=eps, mlp="swiglu")
+
+
+def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, contract: GraphContract,
+                        opset: int, eps: float = DRAFT_NORM_EPS) -> onnx.ModelProto:
+    """``arch``: the draft layer's sizes (one layer, rope)."""
+    family = draft_family(eps)
+    b = GraphBuilder("specx_feature_draft", "float32")
+    attention = _attention_inputs(b, "float32")
+    fused = b.op1("MatMul", [FEATURES, b.weight("draft.fuse.weight", weights.fuse.weight)], "/draft/fuse/MatMul")
+    state = b.op1("Concat", [fused, HIDDEN], "/draft/state/Concat", axis=1)  # (batch, seq, hidden)
+    embed = b.op1("Gather", [b.weight("model.embed_tokens.weight", weights.embed), INPUT_IDS],
+                  "/model/embed_tokens/Gather")
+    joined = b.op1("Concat", [embed, state], "/draft/input/Concat", axis=-1)  # (batch, seq, 2 * hidden)
+    x0 = _linear(b, "/draft/fc", weights.fc, joined)
+    x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layer.attn_norm, x0)
+    a = _attention(b, 0, arch, weights, weights.layer, attention, x)  # type: ignore[arg-type]  (rope tables)
+    x, residual = _skip_norm(b, "/model/layers.0/post_attention_layernorm", family, weights.layer.mlp_norm, a,
+                             residual, weights.layer.o.bias)
+    h = _mlp(b, "/model/layers.0/mlp", family, weights.layer, x)
+    normed, out = _skip_norm(b, "/model/norm", family, weights.final_norm, h, residual, weights.layer.down.bias)
+    b.rename_output(out, HIDDEN_STATES)
+    logits = b.op1("MatMul", [normed, b.weight("lm_head.weight", weights.head)], "/lm_head/MatMul")
+    b.rename_output(logits, LOGITS)
+    return b.model(contract.inputs, contract.outputs, opset)
