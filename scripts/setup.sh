@@ -8,3 +8,5 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==${SPECX_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[export,dev]"
+# matplotlib (specx bench --plot) is optional: its tests skip where it cannot be installed
+.venv/bin/python -m pip install -q -e ".[plot]" 2>/dev/null || echo "matplotlib unavailable: the --plot tests will skip"

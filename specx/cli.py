@@ -76,19 +76,68 @@ def export(
             from specx.exporter.pipeline import ExportRequest, export_bundle
         except ImportError as exc:
             raise SpecxError(f"export needs the export extra ({exc.name} is missing): pip install 'specx[export]'") from exc
-        from rich.console import Console
-
-        console = Console(stderr=True)
-
-        @contextlib.contextmanager
-        def progress(step: str) -> Iterator[None]:
-            with console.status(f"{step}..."):
-                yield
-            console.print(f"[green]done[/green] {step}")
-
+        progress, bars = _progress_reporters()
         request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()))
-        path = export_bundle(request, progress)
+        path = export_bundle(request, progress, bars)
         typer.echo(str(path))
+
+
+@app.command("train-draft")
+def train_draft_command(
+    model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME."),
+    tokens: int = typer.Option(120_000, help="Tokens of training text the target writes itself (about 10 minutes "
+                                             "per 100k on a 2-core CPU; a GPU takes far more in the same time)."),
+    corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to train on as well (teacher-forced)."),
+    draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the target's most used tokens."),
+    epochs: float = typer.Option(4.0, help="Passes over the training text."),
+    device: str = typer.Option("auto", help="Where torch trains: auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed for data and initialisation."),
+) -> None:
+    """Train a feature draft for the bundle's target (self-distillation, offline) and put it in the bundle."""
+    with _user_errors():
+        try:
+            from specx.drafttrain.pipeline import TrainDraftRequest, train_draft, training_summary
+        except ImportError as exc:
+            raise SpecxError(f"train-draft needs the export extra ({exc.name} is missing): "
+                             "pip install 'specx[export]'") from exc
+        from specx.runtime.bundle import resolve_bundle_dir
+
+        step, bars = _progress_reporters()
+        request = TrainDraftRequest(resolve_bundle_dir(model), tokens, tuple(corpus or ()), draft_vocab, device, seed,
+                                    epochs)
+        result = train_draft(request, step, bars)
+        typer.echo(f"{result.bundle}: {training_summary(result.training)}; "
+                   f"{result.training['total_seconds'] / 60:.1f} minutes")
+
+
+def _progress_reporters():
+    """(step, bars): a spinner for steps without a count, a bar with count and ETA for those with one."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[None]:
+        with console.status(f"{name}..."):
+            yield
+        console.print(f"[green]done[/green] {name}")
+
+    class Bar:
+        def __init__(self, name: str, total: int):
+            self.name = name
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+            self.task = self.progress.add_task(name, total=total)
+            self.progress.start()
+
+        def update(self, n: int = 1) -> None:
+            self.progress.advance(self.task, n)
+
+        def close(self) -> None:
+            self.progress.stop()
+
+    return step, Bar
 
 
 CHAT_CACHE_TOKENS = 4096  # positions `specx chat` reserves up front (capped by the model's context)
@@ -215,10 +264,19 @@ def bench(
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     modes: Optional[str] = typer.Option(None, help="Comma-separated modes (default: every mode the bundle supports)."),
     temperatures: str = typer.Option("0,1", help="Comma-separated temperatures (0 = greedy)."),
-    max_new_tokens: int = typer.Option(128, help="Tokens per generation (EOS ignored, so every run is as long)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per generation (EOS ignored, so every run is as "
+                                                            "long). Default 128; 64 with --tune."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every measurement to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-up and tau per mode and prompt kind to this "
+                                                             "PNG (needs matplotlib: pip install 'specx[plot]')."),
+    tune: bool = typer.Option(False, "--tune", help="Search mode, tree shape and adaptive-depth threshold on this "
+                                                    "machine (first 8 prompts unless --limit) and write the fastest "
+                                                    "into the bundle as the default of run, Generator and bench."),
+    tree_budget: Optional[int] = typer.Option(None, help="Speculative modes: draft tokens verified per step."),
+    tree_depth: Optional[int] = typer.Option(None, help="Speculative modes: tree depth."),
+    tree_threshold: Optional[float] = typer.Option(None, help="Speculative modes: adaptive-depth threshold."),
 ) -> None:
     """Plain decoding and every decoding mode on a prompt set, back to back: tokens/s, speed-up, tau, draft calls,
     weight-bytes ratio, overhead, and whether greedy outputs were identical."""
@@ -235,18 +293,52 @@ def bench(
         generator = Generator.load(resolve_bundle_dir(model), provider=provider.value, threads=threads)
         chosen = b.check_modes(generator, modes.split(",")) if modes else b.supported_modes(generator)
         temps = [float(t) for t in temperatures.split(",")]
+        machine = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "provider": generator.provider,
+                   "onnxruntime": onnxruntime.__version__}
+        if tune:
+            _tune(generator, b.load_prompts(prompts, limit or b.TUNE_PROMPTS), chosen, temps,
+                  max_new_tokens or b.TUNE_TOKENS, machine)
+            return
+        max_new_tokens = max_new_tokens or 128
         prompt_set = b.load_prompts(prompts, limit)
         typer.echo(f"specx bench: {len(prompt_set)} prompts x {len(temps)} temperatures, modes "
                    f"{', '.join(['autoregressive', *chosen])}, {max_new_tokens} tokens each", err=True)
+        tree = {k: v for k, v in (("tree_budget", tree_budget), ("tree_depth", tree_depth),
+                                  ("tree_threshold", tree_threshold)) if v is not None}
         rows = b.run_bench(generator, prompt_set, chosen, temps, max_new_tokens,
-                           lambda r: typer.echo(f"  {r.mode} T={r.temperature:g} {r.prompt}: {r.speedup:.2f}x", err=True))
+                           lambda r: typer.echo(f"  {r.mode} T={r.temperature:g} {r.prompt}: {r.speedup:.2f}x", err=True),
+                           tree)
         summary = b.summarise(rows)
         typer.echo(b.format_table(summary))
         if json_out:
             meta = {"bundle": str(generator.bundle.path), "provider": generator.provider, "threads": threads,
                     "machine": platform.machine(), "cores": os.cpu_count(),
-                    "onnxruntime": onnxruntime.__version__, "max_new_tokens": max_new_tokens}
+                    "onnxruntime": onnxruntime.__version__, "max_new_tokens": max_new_tokens, "tree": tree}
             json_out.write_text(b.rows_to_json(rows, summary, meta))
+        if plot:
+            b.plot(rows, plot)
+
+
+def _tune(generator, prompt_set, modes, temperatures, new_tokens, machine) -> None:
+    import datetime
+
+    from specx.runtime import bench as b
+
+    record = {}
+    for temperature in temperatures:
+        key = "sampling" if temperature > 0 else "greedy"
+        typer.echo(f"specx bench --tune ({key}): {len(b.candidates(modes, temperature > 0))} candidates x "
+                   f"{len(prompt_set)} prompts, {new_tokens} tokens each", err=True)
+        best, speedup, _ = b.tune(generator, prompt_set, modes, temperature, new_tokens,
+                                  lambda c, s: typer.echo(f"  {c.mode} {c.tree_budget}x{c.tree_depth} "
+                                                          f"threshold {c.tree_threshold:g}: {s:.2f}x", err=True))
+        record[key] = {**b.tuning_record(best, speedup, len(prompt_set), new_tokens, machine),
+                       "measured": datetime.date.today().isoformat(), "temperature": temperature}
+        shape = "" if best.mode == "autoregressive" else \
+            f" tree {best.tree_budget}x{best.tree_depth} threshold {best.tree_threshold:g}"
+        typer.echo(f"{key}: {best.mode}{shape}: {speedup:.2f}x plain decoding (median over prompts)")
+    b.write_tuning(generator.bundle.path, record)
+    typer.echo(f"written to {generator.bundle.path / 'manifest.json'}: run, Generator and bench use it by default")
 
 
 @app.command()
@@ -261,7 +353,7 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
         typer.echo(f"dtype    {m.dtype}")
         for entry in filter(None, (m.target, m.draft)):
             a = entry.architecture
-            parity = entry.parity.get("max_abs_logit_diff")
+            parity = entry.parity.get("max_abs_logit_diff", entry.parity.get("max_abs_diff"))
             parity_text = "n/a" if parity is None else f"{parity:.2e}"
             if "unquantized_max_abs_logit_diff" in entry.parity:  # quantization error, measured, not a defect
                 parity_text += f" (before quantization {entry.parity['unquantized_max_abs_logit_diff']:.2e})"
@@ -277,6 +369,12 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
             )
         if m.draft is None:
             typer.echo("draft    none")
+        elif m.draft.training:
+            t = m.draft.training
+            agree = ", ".join(f"{a:.0%}" for a in t.get("held_out_agreement", []))
+            typer.echo(f"training feature draft (layers {t.get('feature_layers')}, vocabulary {t.get('draft_vocab')}): "
+                       f"{t.get('train_tokens', 0):,} tokens, seed {t.get('seed')}, held-out agreement {agree}, "
+                       f"tau {t.get('held_out_tau', 0):.2f}, {t.get('train_seconds', 0) / 60:.1f} min training")
         if m.ngram is None:
             typer.echo("ngram    none")
         else:
@@ -284,6 +382,11 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
             typer.echo(f"ngram    {m.ngram.file}  ({info.get('total_tokens', '?')} tokens: "
                        f"{info.get('sampled_tokens', 0)} sampled from {info.get('sampled_from', '?')}, "
                        f"{len(info.get('corpus_files', []))} corpus files)")
+        for key, tuned in (m.tuning or {}).items():
+            shape = "" if tuned.get("mode") == "autoregressive" else \
+                f" tree {tuned.get('tree_budget')}x{tuned.get('tree_depth')} threshold {tuned.get('tree_threshold')}"
+            typer.echo(f"tuned    {key}: {tuned.get('mode')}{shape}: {tuned.get('speedup')}x plain decoding on "
+                       f"{tuned.get('machine')} ({tuned.get('provider')}, {tuned.get('measured')})")
         t = m.tokenizer
         typer.echo(f"tokenizer {t.file}  vocab {t.vocab_size}, bos {t.bos_token_id}, eos {list(t.eos_token_ids)}")
 

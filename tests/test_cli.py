@@ -251,3 +251,31 @@ def test_run_compare_prints_the_measured_speedup(gpt2_same_draft_bundle):
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if "vs plain decoding" in l)
     assert line.startswith("[speculative vs plain decoding on this prompt: ") and "identical output" in line
+
+
+def test_bench_plot_writes_a_png(gpt2_bundle, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.png"
+    _ok(["bench", str(gpt2_bundle), "--limit", "2", "--temperatures", "0,1", "--max-new-tokens", "6",
+         "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tune_writes_the_default_that_run_uses(gpt2_bundle, tmp_path):
+    bundle = _copy(gpt2_bundle, tmp_path)
+    result = _ok(["bench", str(bundle), "--tune", "--limit", "2", "--temperatures", "0", "--max-new-tokens", "8",
+                  "--modes", "speculative"])
+    tuned = json.loads((bundle / "manifest.json").read_text())["tuning"]["greedy"]
+    assert tuned["mode"] in ("autoregressive", "speculative") and "cores" in tuned["machine"]
+    assert "written to" in result.stdout
+    assert "tuned    greedy" in _ok(["info", str(bundle)]).stdout
+    stats = json.loads(_ok(["run", "--model", str(bundle), "--prompt", "one two", "--max-new-tokens", "8",
+                            "--json"]).stdout)["stats"]
+    assert stats["mode"] == tuned["mode"]
+    if tuned["mode"] != "autoregressive":
+        assert (stats["tree_budget"], stats["tree_depth"], stats["tree_threshold"]) == \
+            (tuned["tree_budget"], tuned["tree_depth"], tuned["tree_threshold"])
+    explicit = json.loads(_ok(["run", "--model", str(bundle), "--prompt", "one two", "--max-new-tokens", "8",
+                               "--mode", "speculative", "--tree-budget", "3", "--tree-depth", "3",
+                               "--json"]).stdout)["stats"]
+    assert (explicit["tree_budget"], explicit["tree_depth"]) == (3, 3)  # flags still override the tuned default

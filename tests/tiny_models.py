@@ -68,3 +68,26 @@ def save_llama(path: Path, layers: int = 2, hidden: int = 64, heads: int = 4, kv
     fast.save_pretrained(path)
     return path
 
+
+
+def save_trained_llama(path: Path, steps: int = 150, seed: int = 3) -> Path:
+    """A tiny llama trained briefly on the tiny corpus: predictable text, so that a draft has something to learn
+    (a random model's next token is close to a hash of its context)."""
+    save_llama(path, layers=2, hidden=64, heads=4, kv_heads=2, tied=True, seed=seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(path)
+    ids = tokenizer("\n".join(corpus()), return_tensors="pt")["input_ids"][0]
+    window, batch = 64, 16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - window - 1, (batch,), generator=generator)
+        x = torch.stack([ids[s:s + window] for s in starts])
+        loss = model(x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(path)
+    return path

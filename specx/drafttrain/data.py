@@ -50,7 +50,7 @@ Progress = Callable[[str, int], "ProgressBar"]
 
 
 class ProgressBar:
-    """What the trainer reports to: a bar with a count and an ETA (tqdm in the CLI)."""
+    """What the trainer reports to: a bar with a count and an ETA (rich's in the CLI)."""
 
     def update(self, n: int = 1) -> None: ...
 
@@ -98,7 +98,8 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
         for kind, share in shares.items():
             budget, written = int(tokens * share), 0
             while written < budget:
-                prompts = _prompts(kind, model, tokenizer, rng)
+                count = min(GENERATION_BATCH, -(-(budget - written) // (MAX_TEXT_TOKENS // 2)))  # ~the budget
+                prompts = _prompts(kind, model, tokenizer, rng)[:count]
                 batches += 1
                 greedy = kind != "free" and batches % 2 == 0  # free samples share one prompt: always sampled
                 for text in _continue(model, tokenizer, prompts, MAX_TEXT_TOKENS, greedy):
@@ -142,8 +143,10 @@ def _continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-    new = max(1, max_tokens - width) if not new_only else max_tokens
-    sampling = {} if greedy else {"do_sample": True, "temperature": SAMPLING_TEMPERATURE, "top_k": 0, "top_p": 1.0}
+    context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
+                  or max_tokens + width)
+    new = max(1, min(max_tokens, context) - width) if not new_only else min(max_tokens, context - width)
+    sampling = {} if greedy else {"temperature": SAMPLING_TEMPERATURE, "top_k": 0, "top_p": 1.0}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad,
                              do_sample=not greedy, **sampling)
@@ -193,7 +196,7 @@ def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers:
                 ids[row, : texts[i].size] = torch.from_numpy(texts[i])
                 mask[row, : texts[i].size] = 1
             with torch.no_grad():
-                out = model(ids, attention_mask=mask, output_hidden_states=True)
+                out = model(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
                 feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1)  # (batch, width, F)
                 probs, idx = torch.softmax(out.logits.float(), dim=-1).topk(TOP_K, dim=-1)
             for row, i in enumerate(batch):

@@ -4,7 +4,7 @@ temperature 1.5), and/or text files the user passes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,8 +18,9 @@ __all__ = ["DEFAULT_SAMPLE_TOKENS", "build_ngram"]
 
 
 def sample_sequences(model: PreTrainedModel, start_token: int, tokens: int, max_positions: int,
-                     seed: int = 0) -> list[list[int]]:
-    """``tokens`` tokens sampled from ``model`` in batches, each sequence starting from ``start_token``."""
+                     seed: int = 0, on_tokens: Callable[[int], None] = lambda n: None) -> list[list[int]]:
+    """``tokens`` tokens sampled from ``model`` in batches, each sequence starting from ``start_token``;
+    ``on_tokens(n)`` after each batch (a progress bar)."""
     torch.manual_seed(seed)
     out: list[list[int]] = []
     remaining = tokens
@@ -33,6 +34,7 @@ def sample_sequences(model: PreTrainedModel, start_token: int, tokens: int, max_
                                        min_new_tokens=length, pad_token_id=start_token)
         out.extend(row.tolist() for row in generated)
         remaining -= batch * length
+        on_tokens(batch * length)
     return out
 
 
@@ -45,11 +47,12 @@ def corpus_sequences(files: Sequence[Path], tokenizer: PreTrainedTokenizerBase) 
 
 
 def build_ngram(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_positions: int,
-                sample_tokens: int, corpus: Sequence[Path]) -> tuple[KatzTrigram, dict]:
+                sample_tokens: int, corpus: Sequence[Path],
+                on_tokens: Callable[[int], None] = lambda n: None) -> tuple[KatzTrigram, dict]:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequences = corpus_sequences(corpus, tokenizer)
     if sample_tokens > 0:
-        sequences += sample_sequences(model, int(start or 0), sample_tokens, max_positions)
+        sequences += sample_sequences(model, int(start or 0), sample_tokens, max_positions, on_tokens=on_tokens)
     total = sum(len(s) for s in sequences)
     info = {"sampled_tokens": sample_tokens, "sample_temperature": SAMPLE_TEMPERATURE,
             "corpus_files": [str(p) for p in corpus], "total_tokens": total}

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -37,6 +37,7 @@ MIN_OPSET = 18  # Split with num_outputs
 QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
 
 Progress = Callable[[str], ContextManager[None]]
+Bars = Callable[[str, int], Any]  # (name, total) -> an object with update(n) and close()
 
 
 def no_progress(_: str) -> ContextManager[None]:
@@ -82,7 +83,8 @@ def resolve_draft(draft: str | None, adapter: ArchitectureAdapter) -> str | None
     return draft
 
 
-def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> Path:
+def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars: Bars | None = None) -> Path:
+    """``progress(step)`` wraps each step; ``bars(name, total)`` gives a counted bar (n-gram sampling)."""
     if request.ngram_tokens < 0:
         raise InvalidArgumentError(f"--ngram-tokens must be >= 0, got {request.ngram_tokens}")
     for path in request.ngram_corpus:
@@ -109,14 +111,14 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        target_entry = _export_model("target", target, target_adapter, staging, dtype, request.opset, progress)
+        target_entry = export_model("target", target, target_adapter, staging, dtype, request.opset, progress)
         draft_entry = None
         if draft is not None:
-            draft_entry = _export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
+            draft_entry = export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
                                         request.opset, progress)
         elif derived is not None:
             draft_entry = _export_derived(derived, target, dtype, staging, request.opset, progress)
-        ngram = _write_ngram(draft or target, target_entry, request, staging, progress)
+        ngram = _write_ngram(draft or target, target_entry, request, staging, progress, bars)
         manifest = Manifest(
             name=output.name,
             dtype=dtype,
@@ -128,7 +130,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress) -> P
             ngram=ngram,
         )
         manifest.write(staging)
-        _replace(staging, output)
+        replace_bundle(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
@@ -148,15 +150,17 @@ def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
             raise ExportError(f"draft {draft.source} has {role}={d}, the target {t}; the special tokens must match")
 
 
-def _export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
-                  opset: int, progress: Progress, source: str | None = None) -> ModelEntry:
+def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
+                  opset: int, progress: Progress, source: str | None = None,
+                  feature_layers: tuple[int, ...] = ()) -> ModelEntry:
     """Build, validate (and for int8/int4 quantize) one decoder graph into ``staging/<role>.onnx``."""
     path = staging / f"{role}.onnx"
     kv_dtype = "float16" if dtype == "fp16" else "float32"
     bits = QUANTIZED_DTYPES.get(dtype)
     built = path.with_name(f"{role}.unquantized.onnx") if bits else path
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
-        contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared")
+        contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
+                                  feature_layers=feature_layers)
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, "fp32" if bits else dtype).to_dict()
     if bits:
@@ -189,22 +193,30 @@ def _export_derived(derived: DerivedDraft, target: LoadedModel, dtype: str, stag
     if derived.layers is not None:
         reference = LoadedModel(derived.spec, truncate_layers(target.model, derived.layers), target.tokenizer)
     draft_dtype = f"int{derived.bits}" if derived.bits is not None else dtype
-    entry = _export_model("draft", reference, adapter_for(reference.model.config), staging, draft_dtype, opset,
+    entry = export_model("draft", reference, adapter_for(reference.model.config), staging, draft_dtype, opset,
                           progress, source=derived.spec)
     return replace(entry, derived_from=derived.spec)
 
 
 def _write_ngram(sampler: LoadedModel, target: ModelEntry, request: ExportRequest, staging: Path,
-                 progress: Progress) -> NgramEntry | None:
+                 progress: Progress, bars: Bars | None = None) -> NgramEntry | None:
     """The Katz trigram table, from text the draft (or, without a separate draft, the target) samples."""
     if request.ngram_tokens == 0 and not request.ngram_corpus:
         return None
-    with progress(f"building the n-gram table ({request.ngram_tokens} tokens sampled from {short_name(sampler.source)}"
-                  f"{', plus corpus files' if request.ngram_corpus else ''})"):
-        model, info = build_ngram(sampler.model, sampler.tokenizer, target.contract.vocab_size,
-                                  target.architecture.max_positions, request.ngram_tokens,
-                                  [Path(p) for p in request.ngram_corpus])
-        model.save(staging / NGRAM_FILE)
+    corpus = [Path(p) for p in request.ngram_corpus]
+    args = (sampler.model, sampler.tokenizer, target.contract.vocab_size, target.architecture.max_positions,
+            request.ngram_tokens, corpus)
+    if bars and request.ngram_tokens:  # a counted bar instead of a spinner (one live display at a time)
+        bar = bars(f"sampling n-gram text from {short_name(sampler.source)} (tokens)", request.ngram_tokens)
+        try:
+            model, info = build_ngram(*args, on_tokens=bar.update)
+        finally:
+            bar.close()
+    else:
+        with progress(f"building the n-gram table ({request.ngram_tokens} sampled tokens"
+                      f"{', plus corpus files' if corpus else ''})"):
+            model, info = build_ngram(*args)
+    model.save(staging / NGRAM_FILE)
     return NgramEntry(file=NGRAM_FILE, info={**info, "sampled_from": sampler.source})
 
 
@@ -238,7 +250,7 @@ def _check_output(output: Path) -> None:
                                    "pass another --output")
 
 
-def _replace(staging: Path, output: Path) -> None:
+def replace_bundle(staging: Path, output: Path) -> None:
     """Move the finished bundle into place; an older bundle at the same path is replaced."""
     if output.exists():
         old = output.parent / f".{output.name}.old-{os.getpid()}"

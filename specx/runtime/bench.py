@@ -42,6 +42,7 @@ class BenchRow:
     weight_bytes_ratio: float
     overhead: float  # share of wall time outside model runs
     identical: bool  # same tokens as autoregressive decoding (greedy: must; sampling: same seed, usually)
+    draft_cost: float = 0.0  # mean draft call time over plain decoding's one-token target step time
 
 
 def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Prompt]:
@@ -68,14 +69,8 @@ def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Pro
 
 
 def supported_modes(gen: Generator) -> list[str]:
-    modes = []
-    if gen.draft is not None:
-        modes.append("speculative")
-        if gen.ngram is not None:
-            modes.append("staged")
-    if gen.ngram is not None:
-        modes.append("ngram")
-    return modes
+    """Staged and n-gram modes run without a sampled table too (the n-gram model counts the context)."""
+    return (["speculative", "staged"] if gen.draft is not None else []) + ["ngram"]
 
 
 def check_modes(gen: Generator, modes: Sequence[str]) -> list[str]:
@@ -88,23 +83,35 @@ def check_modes(gen: Generator, modes: Sequence[str]) -> list[str]:
 
 
 def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperatures: Sequence[float],
-              new_tokens: int, report: Callable[[BenchRow], None] = lambda row: None) -> list[BenchRow]:
-    gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, mode="autoregressive")  # warm-up
+              new_tokens: int, report: Callable[[BenchRow], None] = lambda row: None,
+              tree: dict | None = None) -> list[BenchRow]:
+    """``tree``: tree_budget / tree_depth / tree_threshold for the speculative modes (their defaults otherwise)."""
+    for mode in ("autoregressive", *modes):  # warm-up: every session and code path once
+        gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, mode=mode, **(tree or {}))
     rows = []
     for temperature in temperatures:
         for prompt in prompts:
             kwargs = dict(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
             plain = gen.generate(prompt.text, mode="autoregressive", **kwargs)
+            step = plain_step_seconds(plain.stats)
             for mode in ["autoregressive", *modes]:
-                result = plain if mode == "autoregressive" else gen.generate(prompt.text, mode=mode, **kwargs)
+                result = plain if mode == "autoregressive" else \
+                    gen.generate(prompt.text, mode=mode, **kwargs, **(tree or {}))
                 s = result.stats
                 row = BenchRow(mode, temperature, prompt.id, prompt.kind, s.tokens_per_second,
                                s.tokens_per_second / plain.stats.tokens_per_second,
                                s.tokens_per_target_call, s.draft_calls / s.new_tokens, s.weight_bytes_ratio,
-                               s.overhead_fraction, result.tokens == plain.tokens)
+                               s.overhead_fraction, result.tokens == plain.tokens,
+                               s.draft_seconds / s.draft_calls / step if s.draft_calls and step else 0.0)
                 rows.append(row)
                 report(row)
     return rows
+
+
+def plain_step_seconds(stats) -> float:
+    """One-token target step of plain decoding: target time after the prompt pass, per call."""
+    steps = stats.target_calls - 1
+    return max(0.0, stats.target_seconds - stats.prefill_seconds) / steps if steps > 0 else 0.0
 
 
 def summarise(rows: Sequence[BenchRow]) -> list[dict]:
@@ -115,7 +122,7 @@ def summarise(rows: Sequence[BenchRow]) -> list[dict]:
         group = [r for r in rows if r.mode == mode and r.temperature == temperature]
         med = {f: statistics.median(getattr(r, f) for r in group)
                for f in ("tokens_per_second", "speedup", "tau", "draft_calls_per_token", "weight_bytes_ratio",
-                         "overhead")}
+                         "overhead", "draft_cost")}
         out.append({"mode": mode, "temperature": temperature, **med,
                     "identical": f"{sum(r.identical for r in group)}/{len(group)}"})
     return out
@@ -123,14 +130,117 @@ def summarise(rows: Sequence[BenchRow]) -> list[dict]:
 
 def format_table(summary: Sequence[dict]) -> str:
     header = f"{'mode':<15} {'T':>4} {'tokens/s':>9} {'speed-up':>9} {'tau':>6} {'draft/tok':>9} {'bytes':>6} " \
-             f"{'overhead':>8} {'identical':>9}"
+             f"{'overhead':>8} {'draft cost':>10} {'identical':>9}"
     lines = [header, "-" * len(header)]
     for s in summary:
         lines.append(f"{s['mode']:<15} {s['temperature']:>4g} {s['tokens_per_second']:>9.1f} {s['speedup']:>8.2f}x "
                      f"{s['tau']:>6.2f} {s['draft_calls_per_token']:>9.2f} {s['weight_bytes_ratio']:>6.2f} "
-                     f"{s['overhead']:>8.1%} {s['identical']:>9}")
+                     f"{s['overhead']:>8.1%} {s['draft_cost']:>10.3f} {s['identical']:>9}")
     return "\n".join(lines)
 
 
 def rows_to_json(rows: Sequence[BenchRow], summary: Sequence[dict], meta: dict) -> str:
     return json.dumps({"meta": meta, "summary": list(summary), "rows": [asdict(r) for r in rows]}, indent=2)
+
+
+# -- tuning -----------------------------------------------------------------------------------------------------
+TUNE_SHAPES = ((4, 4), (6, 6), (8, 8), (8, 4), (12, 6))  # (budget, depth): chains and small trees
+TUNE_THRESHOLDS = {"greedy": (0.05, 0.1, 0.2), "sampling": (0.3, 0.5, 0.7)}
+TUNE_PROMPTS = 8
+TUNE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: str
+    tree_budget: int = 0
+    tree_depth: int = 0
+    tree_threshold: float = 0.0
+
+    def kwargs(self) -> dict:
+        if self.mode == "autoregressive":
+            return {"mode": self.mode}
+        return {"mode": self.mode, "tree_budget": self.tree_budget, "tree_depth": self.tree_depth,
+                "tree_threshold": self.tree_threshold}
+
+
+def candidates(modes: Sequence[str], sampling: bool) -> list[Candidate]:
+    thresholds = TUNE_THRESHOLDS["sampling" if sampling else "greedy"]
+    return [Candidate(mode, budget, depth, threshold) for mode in modes for budget, depth in TUNE_SHAPES
+            for threshold in thresholds]
+
+
+def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperature: float, new_tokens: int,
+         report: Callable[[Candidate, float], None] = lambda c, s: None) -> tuple[Candidate, float, list[dict]]:
+    """Every candidate (mode x tree shape x threshold) on every prompt, each prompt's plain decoding run before and
+    after them (their mean is the baseline of that prompt's ratios); the winner has the best median speed-up, and
+    plain decoding wins when nothing beats it."""
+    pool = candidates(modes, temperature > 0)
+    kwargs = dict(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
+    for candidate in pool[:1]:
+        gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, **candidate.kwargs())
+    speedups: dict[Candidate, list[float]] = {c: [] for c in pool}
+    for prompt in prompts:
+        before = gen.generate(prompt.text, mode="autoregressive", **kwargs).stats.tokens_per_second
+        rates = {c: gen.generate(prompt.text, **kwargs, **c.kwargs()).stats.tokens_per_second for c in pool}
+        after = gen.generate(prompt.text, mode="autoregressive", **kwargs).stats.tokens_per_second
+        for candidate, rate in rates.items():
+            speedups[candidate].append(rate / ((before + after) / 2))
+    table = [{**asdict(c), "speedup": statistics.median(v)} for c, v in speedups.items()]
+    for c, v in speedups.items():
+        report(c, statistics.median(v))
+    best = max(pool, key=lambda c: statistics.median(speedups[c]))
+    best_speedup = statistics.median(speedups[best])
+    if best_speedup <= 1.0:
+        return Candidate("autoregressive"), 1.0, table
+    return best, best_speedup, table
+
+
+def tuning_record(best: Candidate, speedup: float, prompts: int, new_tokens: int, machine: dict) -> dict:
+    """What the manifest keeps for one temperature: the winner, its measured speed-up, and where."""
+    record = {k: v for k, v in best.kwargs().items()}
+    return {**record, "speedup": round(speedup, 3), "prompts": prompts, "new_tokens": new_tokens, **machine}
+
+
+def write_tuning(bundle_dir: Path, tuning: dict) -> None:
+    """Merge ``tuning`` ({"greedy": ..., "sampling": ...}) into the bundle's manifest, atomically."""
+    from dataclasses import replace
+
+    from specx.runtime.manifest import Manifest
+
+    manifest = Manifest.read(bundle_dir)
+    merged = {**(manifest.tuning or {}), **tuning}
+    replace(manifest, tuning=merged).write(bundle_dir)
+
+
+# -- plot -------------------------------------------------------------------------------------------------------
+def plot(rows: Sequence[BenchRow], path: Path) -> None:
+    """Speed-up and tau per mode and prompt kind (medians), one panel per temperature; needs matplotlib
+    (pip install 'specx[plot]')."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InvalidArgumentError("--plot needs matplotlib: pip install 'specx[plot]'") from exc
+    temperatures = sorted({r.temperature for r in rows})
+    kinds = sorted({r.kind for r in rows})
+    modes = [m for m in dict.fromkeys(r.mode for r in rows) if m != "autoregressive"]
+    fig, axes = plt.subplots(2, len(temperatures), figsize=(4.5 * len(temperatures), 6), squeeze=False)
+    width = 0.8 / max(1, len(modes))
+    for col, temperature in enumerate(temperatures):
+        for row, (field, label) in enumerate((("speedup", "speed-up vs plain"), ("tau", "tokens per target call"))):
+            ax = axes[row][col]
+            for k, mode in enumerate(modes):
+                values = [statistics.median([getattr(r, field) for r in rows if r.mode == mode and r.kind == kind
+                                             and r.temperature == temperature] or [0.0]) for kind in kinds]
+                ax.bar([i + k * width for i in range(len(kinds))], values, width, label=mode)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(kinds))], kinds, rotation=30)
+            ax.set_ylabel(label)
+            ax.set_title(f"T={temperature:g}")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -62,7 +62,7 @@ class Bundle:
 
 
 def _check_files(path: Path, entry: ModelEntry) -> None:
-    for name in (entry.graph, entry.kv_commit):
+    for name in (entry.graph, entry.kv_commit, *([entry.vocab_map] if entry.vocab_map else [])):
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} is incomplete: {name} is missing; re-export it with `specx export`")
 
@@ -82,7 +82,7 @@ def _check_vocab(manifest: Manifest, tokenizer: Tokenizer) -> None:
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > target_vocab:
         raise BundleError(f"tokenizer has {size} tokens but the target's vocabulary is {target_vocab}; re-export the bundle")
-    if manifest.draft and manifest.draft.contract.vocab_size != target_vocab:
+    if manifest.draft and not manifest.draft.is_feature_draft and manifest.draft.contract.vocab_size != target_vocab:
         raise BundleError(
             f"draft vocabulary {manifest.draft.contract.vocab_size} differs from the target's {target_vocab}; "
             "re-export with a draft that shares the target's tokenizer"

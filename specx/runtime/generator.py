@@ -164,6 +164,13 @@ class Generator:
         chat template, as transformers' apply_chat_template(add_generation_prompt=True) does. ``reuse_cache=True``
         keeps the cached rows of the previous generation that the new prompt starts with (a conversation's earlier
         turns) instead of computing them again."""
+        tuned = self.tuned(sampling=temperature > 0)
+        if mode == "auto" and tuned.get("mode"):
+            mode = tuned["mode"]
+        if tree_budget is None and tree_depth is None:
+            tree_budget, tree_depth = tuned.get("tree_budget"), tuned.get("tree_depth")
+        if tree_threshold is None:
+            tree_threshold = tuned.get("tree_threshold")
         mode = self._resolve_mode(mode, sampling=temperature > 0)
         if chat or (not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping)):
             prompt = self.chat_prompt_ids(prompt)
@@ -174,6 +181,11 @@ class Generator:
         stream = TextStream(iter(()))
         stream._pieces = self._run(mode, request, shape, stream, reuse_cache)
         return stream
+
+    def tuned(self, sampling: bool) -> dict:
+        """The defaults `specx bench --tune` measured fastest on this machine (mode, tree), if any."""
+        tuning = self.bundle.manifest.tuning or {}
+        return dict(tuning.get("sampling" if sampling else "greedy") or {})
 
     def chat_prompt_ids(self, conversation: str | Messages) -> list[int]:
         """Token ids of a conversation (a user message as a string, or messages) under the bundle's chat template."""

@@ -14,6 +14,7 @@ Bundle layout::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ class Manifest:
     created: str
     ngram: NgramEntry | None = None
     format_version: int = FORMAT_VERSION
+    tuning: dict[str, Any] | None = None  # `specx bench --tune`: the default tree and mode measured fastest here
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,10 +148,15 @@ class Manifest:
             "draft": self.draft.to_dict() if self.draft else None,
             "tokenizer": asdict(self.tokenizer),
             "ngram": asdict(self.ngram) if self.ngram else None,
+            "tuning": self.tuning,
         }
 
     def write(self, bundle_dir: Path) -> None:
-        (bundle_dir / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Atomically: a reader sees the old manifest or the new one, never a part."""
+        path = bundle_dir / MANIFEST_FILE
+        partial = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(partial, path)
 
     @classmethod
     def read(cls, bundle_dir: Path) -> "Manifest":
@@ -185,6 +192,7 @@ class Manifest:
                 created=str(d.get("created", "?")),
                 ngram=NgramEntry.from_dict(d["ngram"]) if d.get("ngram") else None,
                 format_version=version,
+                tuning=d.get("tuning"),
             )
         except BundleError:
             raise

@@ -1,0 +1,252 @@
+"""`specx train-draft BUNDLE`: give a bundle's target a trained feature draft, offline.
+
+    load the target from the manifest's source (hub id, directory, GGUF)
+    -> the target writes its training text (+ --corpus files) -> one teacher-forced pass: features, distributions
+    -> draft vocabulary (the K tokens the target uses most) -> train (unrolled, soft cross-entropy)
+    -> held-out agreement -> graphs: the target again, now with its features output; the draft; parity with torch
+    -> a short greedy decode through the runtime for tau -> manifest -> the bundle replaced in one rename
+
+The new bundle is assembled in a hidden directory beside the old one (unchanged files hard-linked), so an
+interrupted run leaves the bundle exactly as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+
+from specx.drafttrain.data import (DistillationSet, Progress, corpus_texts, distill, draft_vocabulary, generate_texts,
+                                   no_progress)
+from specx.drafttrain.model import FeatureDraftModel
+from specx.drafttrain.train import TrainConfig, agreement, default_feature_layers, new_draft, train
+from specx.errors import ExportError, InvalidArgumentError
+from specx.exporter.adapters import adapter_for
+from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path
+from specx.exporter.pipeline import export_model, replace_bundle
+from specx.exporter.sources import load_source
+from specx.graphs.builder import save_with_external_data
+from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
+from specx.graphs.feature_draft import build_feature_draft
+from specx.graphs.helpers import write_kv_commit
+from specx.graphs.passes import embed_contract, weight_bytes
+from specx.runtime.bundle import Bundle
+from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
+from specx.runtime.session import DecoderSession, open_session
+from specx.runtime.tree import chain
+
+DRAFT_GRAPH = "draft.onnx"
+VOCAB_FILE = "draft_vocab.npy"
+DEFAULT_TOKENS = 120_000
+DEFAULT_DRAFT_VOCAB = 8192
+HELD_OUT_SHARE = 0.05
+MIN_HELD_OUT = 2
+PARITY_ROWS = 6
+TAU_PROMPTS = 4
+TAU_PROMPT_TOKENS = 24
+TAU_NEW_TOKENS = 48
+PARITY_TOLERANCE = 1e-3  # |ORT - torch| relative to max(1, max |logit|)
+
+Step = Callable[[str], ContextManager[None]]
+
+
+@dataclass(frozen=True)
+class TrainDraftRequest:
+    bundle: Path
+    tokens: int = DEFAULT_TOKENS  # self-generated training tokens
+    corpus: tuple[Path, ...] = ()
+    draft_vocab: int = DEFAULT_DRAFT_VOCAB
+    device: str = "auto"  # auto | cpu | cuda: where torch trains
+    seed: int = 0
+    epochs: float = TrainConfig.epochs
+    feature_layers: tuple[int, ...] | None = None  # None: EAGLE-3's low / middle / high
+
+
+@dataclass
+class TrainDraftResult:
+    bundle: Path
+    training: dict  # what the manifest records
+
+
+def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_progress) -> TrainDraftResult:
+    bundle = Bundle.load(request.bundle)
+    manifest = bundle.manifest
+    _check_request(request)
+    device = _device(request.device)
+    started = time.perf_counter()
+    with step(f"loading the target {Path(manifest.target.source).name}"):
+        loaded = load_source(manifest.target.source, "fp32")
+    adapter = adapter_for(loaded.model.config)
+    layers = request.feature_layers or default_feature_layers(adapter.spec.num_layers)
+    rng = np.random.default_rng(request.seed)
+    torch.manual_seed(request.seed)
+    model = loaded.model.to(device)
+    texts = generate_texts(model, loaded.tokenizer, request.tokens, rng, progress) if request.tokens else []
+    texts += corpus_texts(loaded.tokenizer, request.corpus)
+    if len(texts) < 2 * MIN_HELD_OUT:
+        raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
+    order = rng.permutation(len(texts))
+    texts = [texts[i] for i in order]
+    data = distill(model, texts, layers, progress)
+    model.to("cpu")
+    train_set, held_out = data.split(max(MIN_HELD_OUT, int(len(data.tokens) * HELD_OUT_SHARE)))
+    vocab_map = draft_vocabulary(train_set, request.draft_vocab, adapter.spec.vocab_size)
+    config = TrainConfig(epochs=request.epochs, seed=request.seed)
+    draft = new_draft(loaded.model, adapter, layers, vocab_map, request.seed)
+    untrained = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
+    log = train(draft.to(device), train_set, vocab_map, adapter.spec.vocab_size, config, progress)
+    draft.to("cpu")
+    reached = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
+    training = {
+        "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy",
+        "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "seed": request.seed,
+        "generated_tokens": int(sum(t.size for t in texts)), "corpus_files": [str(p) for p in request.corpus],
+        "train_tokens": train_set.num_tokens, "held_out_tokens": held_out.num_tokens, "epochs": request.epochs,
+        "steps": log.steps, "first_loss": log.first_loss, "last_loss": log.last_loss,
+        "train_seconds": round(log.seconds, 1), "device": device,
+        "held_out_agreement": [round(a, 4) for a in reached],
+        "untrained_agreement": [round(a, 4) for a in untrained],
+    }
+    output = _write_bundle(bundle.path, manifest, loaded, adapter, layers, draft, vocab_map, training, held_out,
+                           step)
+    training["total_seconds"] = round(time.perf_counter() - started, 1)
+    return TrainDraftResult(output, training)
+
+
+def _check_request(request: TrainDraftRequest) -> None:
+    if request.tokens < 0:
+        raise InvalidArgumentError(f"--tokens must be >= 0, got {request.tokens}")
+    if request.draft_vocab < 2:
+        raise InvalidArgumentError(f"--draft-vocab must be at least 2, got {request.draft_vocab}")
+    if request.epochs <= 0:
+        raise InvalidArgumentError(f"--epochs must be positive, got {request.epochs}")
+    for path in request.corpus:
+        if not Path(path).is_file():
+            raise InvalidArgumentError(f"--corpus file {path} does not exist")
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: this torch has no CUDA device; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"unknown --device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+# -- the bundle -------------------------------------------------------------------------------------------------
+def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...], draft: FeatureDraftModel,
+                  vocab_map: np.ndarray, training: dict, held_out: DistillationSet, step: Step) -> Path:
+    staging = path.parent / f".{path.name}.train-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        replaced = {manifest.target.graph, manifest.target.graph + ".data", manifest.target.kv_commit}
+        if manifest.draft is not None:
+            replaced |= {manifest.draft.graph, manifest.draft.graph + ".data", manifest.draft.kv_commit}
+            replaced |= {manifest.draft.vocab_map} if manifest.draft.vocab_map else set()
+        for item in path.iterdir():
+            if item.is_file() and item.name not in replaced and item.name != MANIFEST_FILE:
+                os.link(item, staging / item.name)
+        target = export_model("target", loaded, adapter, staging, manifest.dtype, DEFAULT_OPSET, step,
+                              source=manifest.target.source, feature_layers=layers)
+        target = replace(target, derived_from=manifest.target.derived_from)
+        with step("building and checking the draft graph"):
+            entry = export_feature_draft(draft, vocab_map, adapter.spec, target.contract, staging, training)
+        new = replace(manifest, target=target, draft=entry,
+                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        new.write(staging)
+        with step("measuring tau on held-out text through the runtime"):
+            training["held_out_tau"] = _held_out_tau(staging, held_out)
+        new = replace(new, draft=replace(entry, training=dict(training)))
+        new.write(staging)
+        replace_bundle(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target_spec: ArchitectureSpec,
+                         target_contract: GraphContract, staging: Path, training: dict) -> ModelEntry:
+    """draft.onnx (+ data), its KV-commit helper and the vocabulary map; parity with the torch draft checked."""
+    spec = ArchitectureSpec(model_type="specx-feature-draft", num_layers=1, hidden_size=target_spec.hidden_size,
+                            num_heads=draft.num_heads, num_kv_heads=draft.num_kv_heads, head_dim=draft.head_dim,
+                            vocab_size=int(vocab_map.size), max_positions=target_spec.max_positions,
+                            position_encoding="rope", tied_embeddings=False)
+    contract = GraphContract.feature_draft(spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.hidden_size,
+                                           target_contract.feature_width, "float32")
+    path = staging / DRAFT_GRAPH
+    graph = build_feature_draft(spec, draft.to_weights(), contract, DEFAULT_OPSET)
+    embed_contract(graph, contract)
+    save_with_external_data(graph, path)
+    write_kv_commit(contract, commit_path(path))
+    np.save(staging / VOCAB_FILE, vocab_map.astype(np.int64))
+    parity = draft_parity(draft, path, contract)
+    return ModelEntry(role="draft", source="specx train-draft", graph=path.name, kv_commit=commit_path(path).name,
+                      architecture=spec, contract=contract, weight_bytes=weight_bytes(path), parity=parity,
+                      vocab_map=VOCAB_FILE, training=dict(training))
+
+
+def draft_parity(draft: FeatureDraftModel, path: Path, contract: GraphContract, seed: int = 0) -> dict:
+    """ORT vs torch on two passes through the runtime's static cache: rows with target features, then rows with
+    hidden states; logits and hidden states compared."""
+    rng = np.random.default_rng(seed)
+    rows = PARITY_ROWS
+    tokens = rng.integers(0, draft.embed.shape[0], (1, 2 * rows))
+    features = rng.standard_normal((1, rows, contract.feature_width)).astype(np.float32)
+    hidden = rng.standard_normal((1, rows, contract.hidden_size)).astype(np.float32)
+    session, placement = open_session(path, "cpu")
+    committer, _ = open_session(commit_path(path), "cpu")
+    ort = DecoderSession(session, committer, contract, placement)
+    ort.reserve(2 * rows)
+    first = chain(rows)
+    logits_1 = ort.forward(tokens[:, :rows], first.positions(0), first.attention_mask(0),
+                           {FEATURES: features, HIDDEN: np.zeros((1, 0, contract.hidden_size), np.float32)})
+    hidden_1 = ort.outputs[HIDDEN_STATES].copy()
+    ort.commit()
+    logits_2 = ort.forward(tokens[:, rows:], first.positions(rows), first.attention_mask(rows),
+                           {FEATURES: np.zeros((1, 0, contract.feature_width), np.float32), HIDDEN: hidden})
+    hidden_2 = ort.outputs[HIDDEN_STATES].copy()
+    with torch.no_grad():
+        state = torch.cat([draft.fuse(torch.from_numpy(features)), torch.from_numpy(hidden)], dim=1)
+        both = chain(2 * rows)
+        ref_logits, ref_hidden = draft(torch.from_numpy(tokens), state, torch.from_numpy(both.positions(0)),
+                                       torch.from_numpy(both.attention_mask(0)[:, :, :, :]))
+    got_logits = np.concatenate([logits_1, logits_2], axis=1)
+    got_hidden = np.concatenate([hidden_1, hidden_2], axis=1)
+    diff = max(float(np.abs(got_logits - ref_logits.numpy()).max()), float(np.abs(got_hidden - ref_hidden.numpy()).max()))
+    tolerance = PARITY_TOLERANCE * max(1.0, float(np.abs(ref_logits.numpy()).max()))
+    if diff > tolerance:
+        raise ExportError(f"the draft graph differs from the trained draft by {diff:.3g} (tolerance {tolerance:.3g})")
+    return {"max_abs_diff": diff, "tolerance": tolerance, "provider": "cpu"}
+
+
+def _held_out_tau(bundle_dir: Path, held_out: DistillationSet) -> float:
+    """Tokens per target call of greedy speculative decoding on the starts of held-out texts (tree speculation,
+    no n-grams: the draft alone)."""
+    from specx.runtime.generator import Generator  # the runtime, exactly as users run it
+
+    generator = Generator.load(bundle_dir, provider="cpu")
+    calls = tokens = 0
+    for text in held_out.tokens[:TAU_PROMPTS]:
+        prompt = text[:TAU_PROMPT_TOKENS].tolist()
+        result = generator.generate(prompt, max_new_tokens=TAU_NEW_TOKENS, mode="speculative", ignore_eos=True)
+        calls += sum(result.stats.accepted_histogram)
+        tokens += result.stats.new_tokens
+    return round(tokens / calls, 3) if calls else 0.0
+
+
+def training_summary(training: dict) -> str:
+    agree = training.get("held_out_agreement") or []
+    steps = ", ".join(f"{a:.0%}" for a in agree)
+    return (f"held-out agreement with the target (1..{len(agree)} levels deep): {steps}; "
+            f"tau {training.get('held_out_tau', 0):.2f}; {training.get('train_tokens', 0):,} training tokens")
+

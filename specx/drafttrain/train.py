@@ -1,0 +1,225 @@
+"""Training the feature draft on a distillation set, and measuring it.
+
+Loss per unroll step k (weights UNROLL_DECAY ** k): soft cross-entropy between the target's next-token distribution
+(its top TOP_K probabilities, restricted to the draft vocabulary) and the draft's, over rows whose target argmax the
+draft vocabulary holds (EAGLE-3's recipe, with the top-K distillation of HASS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from specx.drafttrain.data import DistillationSet, Progress, no_progress
+from specx.drafttrain.model import FeatureDraftModel, unrolled_logits
+from specx.exporter.adapters import ArchitectureAdapter
+
+WARMUP_STEPS = 20
+MIN_LR_FRACTION = 0.1  # cosine decay down to this share of the peak
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 4.0
+    batch: int = 8  # texts per optimiser step
+    lr: float = 1e-3
+    unroll: int = 3  # training-time unroll: steps on the draft's own states
+    unroll_decay: float = 0.8
+    clip: float = 0.5
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low / middle / high layers {2, L/2, L-3}, clamped and distinct for shallow models."""
+    picks = [min(2, num_layers - 1), num_layers // 2, max(0, num_layers - 3)]
+    return tuple(sorted(set(picks)))
+
+
+def new_draft(model: PreTrainedModel, adapter: ArchitectureAdapter, feature_layers: tuple[int, ...],
+              vocab_map: np.ndarray, seed: int) -> FeatureDraftModel:
+    """A draft with the target's sizes: embedding frozen from the target, head rows from the target's head, final
+    norm from the target's; the layer starts from the target's last layer where the families match (llama)."""
+    torch.manual_seed(seed)
+    spec = adapter.spec
+    weights = adapter.weights(model)
+    ffn = weights.layers[-1].down.weight.shape[0]
+    cos, sin = _rope_tables(weights, spec.head_dim, spec.max_positions)
+    embed = torch.from_numpy(weights.embed)
+    draft = FeatureDraftModel(embed, len(feature_layers) * spec.hidden_size, spec.num_heads, spec.num_kv_heads,
+                              spec.head_dim, ffn, int(vocab_map.size), torch.from_numpy(cos), torch.from_numpy(sin))
+    head = weights.lm_head if weights.lm_head is not None else weights.embed.T  # (hidden, vocab)
+    with torch.no_grad():
+        draft.head.weight.copy_(torch.from_numpy(np.ascontiguousarray(head[:, vocab_map].T)))
+        if adapter.family.norm == "rms":
+            draft.norm.weight.copy_(torch.from_numpy(weights.final_norm.weight))
+        if adapter.family.mlp == "swiglu" and adapter.family.norm == "rms":
+            _copy_layer(draft, weights.layers[-1], spec)
+    return draft
+
+
+def _copy_layer(draft: FeatureDraftModel, layer, spec) -> None:
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    qkv = torch.from_numpy(layer.qkv.weight.T.copy())  # (q + 2 kv, hidden)
+    draft.q_proj.weight.copy_(qkv[:q_size])
+    draft.k_proj.weight.copy_(qkv[q_size:q_size + kv_size])
+    draft.v_proj.weight.copy_(qkv[q_size + kv_size:])
+    draft.o_proj.weight.copy_(torch.from_numpy(layer.o.weight.T.copy()))
+    draft.gate_proj.weight.copy_(torch.from_numpy(layer.gate.weight.T.copy()))
+    draft.up_proj.weight.copy_(torch.from_numpy(layer.up.weight.T.copy()))
+    draft.down_proj.weight.copy_(torch.from_numpy(layer.down.weight.T.copy()))
+    draft.attn_norm.weight.copy_(torch.from_numpy(layer.attn_norm.weight))
+    draft.mlp_norm.weight.copy_(torch.from_numpy(layer.mlp_norm.weight))
+
+
+def _rope_tables(weights, head_dim: int, positions: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """The target's rotary tables where it has them, else the standard ones."""
+    if weights.rope_cos is not None:
+        return weights.rope_cos, weights.rope_sin
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(positions)[:, None] * inv[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+# -- batches ----------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (batch, seq) int64
+    features: torch.Tensor  # (batch, seq, F): the target's features at t - 1 (zeros at t = 0)
+    target_ids: torch.Tensor  # (batch, seq, TOP_K) draft ids of the target's top tokens, -1 outside the vocabulary
+    target_probs: torch.Tensor  # (batch, seq, TOP_K)
+    valid: torch.Tensor  # (batch, seq) bool: real rows whose target argmax the draft can produce
+
+
+def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -> Batch:
+    width = max(data.tokens[i].size for i in texts)
+    n, feature_width, top = len(texts), data.features.shape[1], data.top_ids.shape[1]
+    tokens = np.zeros((n, width), np.int64)
+    features = np.zeros((n, width, feature_width), np.float32)
+    ids = np.full((n, width, top), -1, np.int64)
+    probs = np.zeros((n, width, top), np.float32)
+    real = np.zeros((n, width), bool)
+    for row, i in enumerate(texts):
+        start, length = int(data.offsets[i]), data.tokens[i].size
+        tokens[row, :length] = data.tokens[i]
+        features[row, 1:length] = data.features[start:start + length - 1]
+        ids[row, :length] = to_draft[data.top_ids[start:start + length]]
+        probs[row, :length] = data.top_probs[start:start + length]
+        real[row, :length] = True
+    valid = real & (ids[:, :, 0] >= 0)
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(features), torch.from_numpy(ids),
+                 torch.from_numpy(probs), torch.from_numpy(valid))
+
+
+def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> torch.Tensor:
+    fused = draft.fuse(batch.features)
+    total = torch.zeros(())
+    weights = 0.0
+    for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
+        valid = batch.valid.clone()
+        valid[:, :k] = False
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        picked = logq.gather(-1, batch.target_ids.clamp(min=0))  # (batch, seq, TOP_K)
+        mass = batch.target_probs * (batch.target_ids >= 0)
+        per_row = -(mass * picked).sum(-1)
+        if valid.any():
+            total = total + config.unroll_decay ** k * per_row[valid].mean()
+            weights += config.unroll_decay ** k
+    return total / max(weights, 1e-9)
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+@dataclass
+class TrainLog:
+    steps: int = 0
+    seconds: float = 0.0
+    tokens_seen: int = 0
+    first_loss: float = math.nan
+    last_loss: float = math.nan
+
+
+def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray, target_vocab: int,
+          config: TrainConfig, progress: Progress = no_progress) -> TrainLog:
+    rng = np.random.default_rng(config.seed)
+    to_draft = target_to_draft(vocab_map, target_vocab)
+    texts = len(data.tokens)
+    per_epoch = max(1, texts // config.batch)
+    total_steps = max(1, int(per_epoch * config.epochs))
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=config.lr,
+                                  betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
+    log = TrainLog()
+    bar = progress("training the draft (steps)", total_steps)
+    start = time.perf_counter()
+    draft.train()
+    order = np.empty(0, np.int64)
+    try:
+        for step in range(total_steps):
+            if order.size < config.batch:
+                order = np.concatenate([order, rng.permutation(texts)])
+            chosen, order = order[: config.batch], order[config.batch:]
+            batch = make_batch(data, chosen, to_draft)
+            loss = unroll_loss(draft, batch, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), config.clip)
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            log.first_loss = value if step == 0 else log.first_loss
+            log.last_loss = value
+            log.steps += 1
+            log.tokens_seen += int(batch.valid.sum())
+            bar.update(1)
+    finally:
+        bar.close()
+    draft.eval()
+    log.seconds = time.perf_counter() - start
+    return log
+
+
+def _lr_factor(step: int, total: int) -> float:
+    if step < WARMUP_STEPS:
+        return (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS)
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def target_to_draft(vocab_map: np.ndarray, target_vocab: int) -> np.ndarray:
+    """(target_vocab,) draft id of each target token, -1 where the draft vocabulary lacks it."""
+    table = np.full(target_vocab, -1, np.int64)
+    table[vocab_map] = np.arange(vocab_map.size)
+    return table
+
+
+def agreement(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray, target_vocab: int,
+              steps: int) -> list[float]:
+    """Share of held-out positions where the draft's argmax is the target's, per unroll step (step k: the draft
+    k levels deep on its own states, as in a tree)."""
+    to_draft = target_to_draft(vocab_map, target_vocab)
+    hits = np.zeros(steps)
+    counts = np.zeros(steps)
+    with torch.no_grad():
+        for start in range(0, len(data.tokens), 8):
+            texts = np.arange(start, min(start + 8, len(data.tokens)))
+            batch = make_batch(data, texts, to_draft)
+            real = torch.zeros_like(batch.valid)
+            for row, i in enumerate(texts):
+                real[row, : data.tokens[i].size] = True
+            target_top = torch.from_numpy(data.top_ids[:, 0].astype(np.int64))
+            wanted = torch.full(batch.valid.shape, -1, dtype=torch.long)
+            for row, i in enumerate(texts):
+                n, at = data.tokens[i].size, int(data.offsets[i])
+                wanted[row, :n] = target_top[at:at + n]
+            for k, logits in enumerate(unrolled_logits(draft, batch.tokens, draft.fuse(batch.features), steps)):
+                guess = torch.from_numpy(vocab_map)[logits.argmax(-1)]
+                rows = real.clone()
+                rows[:, :k] = False
+                hits[k] += float((guess == wanted)[rows].sum())
+                counts[k] += float(rows.sum())
+    return [float(h / c) if c else 0.0 for h, c in zip(hits, counts)]

@@ -1,0 +1,250 @@
+"""Trained feature drafts (`specx train-draft`): training learns, the graphs match the trainer, decoding with the
+draft is lossless, the bundle stays torch-free, and a failed run leaves the bundle as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from specx.drafttrain.data import distill, generate_texts
+from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
+from specx.drafttrain.train import TrainConfig, agreement, default_feature_layers, new_draft, train
+from specx.errors import ContractError
+from specx.exporter.adapters import adapter_for
+from specx.exporter.pipeline import ExportRequest, export_bundle
+from specx.exporter.sources import load_source
+from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES
+from specx.runtime.bundle import Bundle
+from specx.runtime.feature_draft import check_feature_draft
+from specx.runtime.generator import Generator, _decoder
+from specx.runtime.manifest import Manifest
+from specx.runtime.tree import chain
+from tests import tiny_models
+from tests.helpers import CACHE_ROWS, assert_first_two_tokens_follow_the_model
+from tests.test_torch_free import _run
+
+TRAIN_TOKENS = 4000
+DRAFT_VOCAB = 200
+PROMPTS = ("def f1", "the quick brown fox", "one two three", "return x *")
+
+
+def _step(_: str):
+    return contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module")
+def predictable_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save_trained_llama(tmp_path_factory.mktemp("hf") / "tiny-llama-trained")
+
+
+@pytest.fixture(scope="module")
+def feature_bundle(tmp_path_factory: pytest.TempPathFactory, predictable_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-feature"
+    export_bundle(ExportRequest(str(predictable_dir), draft="none", output=out, dtype="fp32", ngram_tokens=0))
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=6), _step)
+    return out
+
+
+def test_training_learns_and_beats_an_untrained_draft(predictable_dir: Path):
+    loaded = load_source(str(predictable_dir))
+    adapter = adapter_for(loaded.model.config)
+    layers = default_feature_layers(adapter.spec.num_layers)
+    texts = generate_texts(loaded.model, loaded.tokenizer, TRAIN_TOKENS, np.random.default_rng(0))
+    train_set, held_out = distill(loaded.model, texts, layers).split(4)
+    vocab_map = np.arange(adapter.spec.vocab_size)
+    draft = new_draft(loaded.model, adapter, layers, vocab_map, seed=0)
+    before = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, 2)
+    log = train(draft, train_set, vocab_map, adapter.spec.vocab_size, TrainConfig(epochs=6))
+    after = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, 2)
+    assert log.last_loss < 0.8 * log.first_loss
+    assert after[0] > before[0] + 0.1 and after[0] > 0.3, (before, after)
+    assert after[1] > before[1], (before, after)
+
+
+def test_bundle_records_the_training(feature_bundle: Path):
+    manifest = Manifest.read(feature_bundle)
+    draft = manifest.draft
+    assert draft is not None and draft.is_feature_draft and draft.contract.vocab_size == DRAFT_VOCAB
+    assert manifest.target.contract.feature_layers == default_feature_layers(manifest.target.architecture.num_layers)
+    training = draft.training
+    assert training["kind"] == "feature" and training["seed"] == 0 and training["draft_vocab"] == DRAFT_VOCAB
+    assert training["train_tokens"] > 0 and len(training["held_out_agreement"]) == TrainConfig.unroll
+    assert training["held_out_agreement"][0] > training["untrained_agreement"][0]
+    assert training["held_out_tau"] > 1.0
+    assert draft.parity["max_abs_diff"] <= draft.parity["tolerance"]
+    assert np.load(feature_bundle / draft.vocab_map).shape == (DRAFT_VOCAB,)
+
+
+def test_training_time_unroll_matches_the_runtime_tree_levels(feature_bundle: Path, predictable_dir: Path):
+    """Step k of the trainer's unroll at row t == the ORT draft run as the runtime runs a tree level k deep."""
+    from specx.drafttrain.model import unrolled_logits
+
+    bundle = Bundle.load(feature_bundle)
+    session = _decoder(bundle, bundle.manifest.draft, "cpu")
+    session.reserve(CACHE_ROWS)
+    contract = session.contract
+    rng = np.random.default_rng(1)
+    rows = 7
+    tokens = rng.integers(0, 300, (1, rows))
+    features = rng.standard_normal((1, rows, contract.feature_width)).astype(np.float32)
+    features[0, 0] = 0.0  # row 0 has no earlier position
+    no_hidden = np.zeros((1, 0, contract.hidden_size), np.float32)
+    no_features = np.zeros((1, 0, contract.feature_width), np.float32)
+    prefix = rows - 2  # rows [0, prefix) with target features; then two tree levels on the draft's own states
+    run = chain(prefix)
+    session.forward(tokens[:, :prefix], run.positions(0), run.attention_mask(0),
+                    {FEATURES: features[:, :prefix], HIDDEN: no_hidden})
+    state = session.outputs[HIDDEN_STATES][:, -1:].copy()
+    session.commit()
+    level_logits = []
+    for depth in range(2):
+        one = chain(1)
+        logits = session.forward(tokens[:, prefix + depth: prefix + depth + 1], one.positions(session.past_len),
+                                 one.attention_mask(session.past_len), {FEATURES: no_features, HIDDEN: state})
+        state = session.outputs[HIDDEN_STATES].copy()
+        session.commit()
+        level_logits.append(logits[0, 0])
+    draft = _load_trained_torch_draft(feature_bundle, predictable_dir)
+    with torch.no_grad():
+        fused = draft.fuse(torch.from_numpy(features))
+        steps = unrolled_logits(draft, torch.from_numpy(tokens), fused, 3)
+    for depth in range(2):  # level depth + 1 at row prefix + depth
+        expected = steps[depth + 1][0, prefix + depth].numpy()
+        np.testing.assert_allclose(level_logits[depth], expected, atol=2e-4 * max(1.0, np.abs(expected).max()))
+
+
+def _load_trained_torch_draft(bundle_dir: Path, predictable_dir: Path):
+    """The torch draft with the weights of the bundle's draft graph (read back from the ONNX initializers)."""
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = Manifest.read(bundle_dir)
+    graph = onnx.load(str(bundle_dir / manifest.draft.graph))
+    w = {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
+    loaded = load_source(str(predictable_dir))
+    adapter = adapter_for(loaded.model.config)
+    vocab_map = np.load(bundle_dir / manifest.draft.vocab_map)
+    draft = new_draft(loaded.model, adapter, manifest.target.contract.feature_layers, vocab_map, seed=0)
+    spec = adapter.spec
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    qkv = w["model.layers.0.attn.qkv_proj.weight"].T
+    pairs = {
+        draft.fuse: w["draft.fuse.weight"].T, draft.fc: w["draft.fc.weight"].T, draft.head: w["lm_head.weight"].T,
+        draft.q_proj: qkv[:q], draft.k_proj: qkv[q:q + kv], draft.v_proj: qkv[q + kv:],
+        draft.o_proj: w["model.layers.0.attn.o_proj.weight"].T,
+        draft.gate_proj: w["model.layers.0.mlp.gate_proj.weight"].T,
+        draft.up_proj: w["model.layers.0.mlp.up_proj.weight"].T,
+        draft.down_proj: w["model.layers.0.mlp.down_proj.weight"].T,
+        draft.attn_norm: w["model.layers.0.input_layernorm.weight"],
+        draft.mlp_norm: w["model.layers.0.post_attention_layernorm.weight"], draft.norm: w["model.norm.weight"],
+    }
+    with torch.no_grad():
+        for module, array in pairs.items():
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+    return draft.eval()
+
+
+@pytest.mark.parametrize("mode", ["speculative", "staged"])
+@pytest.mark.parametrize("budget,depth", [(5, 5), (8, 4), (12, 3)])
+def test_greedy_with_a_trained_draft_equals_plain_decoding(feature_bundle: Path, mode: str, budget: int, depth: int):
+    gen = Generator.load(feature_bundle, provider="cpu")
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=40, mode="autoregressive", ignore_eos=True)
+        spec = gen.generate(prompt, max_new_tokens=40, mode=mode, ignore_eos=True, tree_budget=budget,
+                            tree_depth=depth)
+        assert spec.tokens == plain.tokens, (prompt, mode)
+        assert spec.stats.draft_calls > 0
+
+
+def test_a_trained_draft_is_accepted_more_than_once_per_step(feature_bundle: Path):
+    gen = Generator.load(feature_bundle, provider="cpu")
+    taus = [gen.generate(p, max_new_tokens=40, mode="speculative", ignore_eos=True).stats.tokens_per_target_call
+            for p in PROMPTS]
+    assert np.mean(taus) > 1.3, taus
+
+
+def test_sampling_with_a_trained_draft_follows_the_model(feature_bundle: Path):
+    gen = Generator.load(feature_bundle, provider="cpu")
+    assert_first_two_tokens_follow_the_model(gen, "speculative", seed_base=70_000, temperature=1.0)
+
+
+def test_chat_reuse_with_a_trained_draft_is_exact(feature_bundle: Path):
+    """A second turn reuses cached rows (no features for them): still plain decoding's output."""
+    gen = Generator.load(feature_bundle, provider="cpu")
+    gen.reserve(CACHE_ROWS)
+    first = gen.generate("def f1", max_new_tokens=12, mode="speculative", reuse_cache=True, ignore_eos=True)
+    ids = gen.bundle.tokenizer.encode("def f1").ids + first.tokens + gen.bundle.tokenizer.encode(" one two").ids
+    second = gen.generate(ids, max_new_tokens=20, mode="speculative", reuse_cache=True, ignore_eos=True)
+    plain = Generator.load(feature_bundle, provider="cpu").generate(ids, max_new_tokens=20, mode="autoregressive",
+                                                                    ignore_eos=True)
+    assert second.stats.reused_prompt_tokens > 0 and second.tokens == plain.tokens
+
+
+def test_a_trained_draft_bundle_runs_without_torch(feature_bundle: Path):
+    proc = _run(f"""
+        import json, sys
+        from specx.runtime import Generator
+        gen = Generator.load({str(feature_bundle)!r}, provider="cpu")
+        r = gen.generate("def f1", max_new_tokens=8, mode="speculative", ignore_eos=True)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps({{"tokens": r.tokens, "loaded": loaded, "calls": r.stats.draft_calls}}))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["tokens"]) == 8 and out["loaded"] == [] and out["calls"] > 0
+
+
+def test_an_interrupted_training_leaves_the_bundle_unchanged(feature_bundle: Path, tmp_path: Path, monkeypatch):
+    copy = tmp_path / "bundle"
+    shutil.copytree(feature_bundle, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("specx.drafttrain.pipeline._held_out_tau", interrupted)  # after every file is written
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(TrainDraftRequest(copy, tokens=600, draft_vocab=DRAFT_VOCAB, epochs=1), _step)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging directory left behind
+    Generator.load(copy, provider="cpu").generate("def f1", max_new_tokens=4, mode="speculative")
+
+
+def test_a_draft_that_does_not_fit_its_target_is_a_clear_error(feature_bundle: Path, tmp_path: Path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(feature_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    np.save(copy / manifest["draft"]["vocab_map"], np.arange(DRAFT_VOCAB - 1))
+    with pytest.raises(ContractError, match="vocabulary map"):
+        Generator.load(copy, provider="cpu")
+    # a target graph whose features are not what the draft was trained on (e.g. the target re-exported)
+    bundle = Bundle.load(feature_bundle)
+    target = SimpleNamespace(contract=replace(bundle.manifest.target.contract, feature_width=7))
+    draft = SimpleNamespace(contract=bundle.manifest.draft.contract)
+    with pytest.raises(ContractError, match="features"):
+        check_feature_draft(target, draft, np.load(feature_bundle / manifest["draft"]["vocab_map"]))
+
+
+def test_train_draft_command(predictable_dir: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from specx.cli import app
+
+    out = tmp_path / "bundle"
+    export_bundle(ExportRequest(str(predictable_dir), draft="none", output=out, dtype="fp32", ngram_tokens=0))
+    result = CliRunner().invoke(app, ["train-draft", str(out), "--tokens", "800", "--epochs", "1",
+                                      "--draft-vocab", "100"])
+    assert result.exit_code == 0, result.output
+    assert "held-out agreement" in result.stdout and "tau" in result.stdout
+    info = CliRunner().invoke(app, ["info", str(out)])
+    assert "feature draft" in info.stdout and "vocabulary 100" in info.stdout
+    bad = CliRunner().invoke(app, ["train-draft", str(out), "--draft-vocab", "1"])
+    assert bad.exit_code == 1 and "draft-vocab" in bad.output
