@@ -92,6 +92,8 @@ def train_draft_command(
     epochs: float = typer.Option(4.0, help="Passes over the training text."),
     device: str = typer.Option("auto", help="Where torch trains: auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for data and initialisation."),
+    cache: bool = typer.Option(True, help="Keep the training data under $SPECX_HOME/train-data, so that training "
+                                          "again (other --epochs or --draft-vocab) skips writing it."),
 ) -> None:
     """Train a feature draft for the bundle's target (self-distillation, offline) and put it in the bundle."""
     with _user_errors():
@@ -104,7 +106,7 @@ def train_draft_command(
 
         step, bars = _progress_reporters()
         request = TrainDraftRequest(resolve_bundle_dir(model), tokens, tuple(corpus or ()), draft_vocab, device, seed,
-                                    epochs)
+                                    epochs, cache_data=cache)
         result = train_draft(request, step, bars)
         typer.echo(f"{result.bundle}: {training_summary(result.training)}; "
                    f"{result.training['total_seconds'] / 60:.1f} minutes")

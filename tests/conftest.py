@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; set before huggingface_hub is imported
+# bundles and train-draft's data cache go to a scratch home, never the user's ~/.cache/specx
+os.environ["SPECX_HOME"] = __import__("tempfile").mkdtemp(prefix="specx-tests-home-")
 
 from pathlib import Path  # noqa: E402
 

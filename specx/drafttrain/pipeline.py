@@ -13,6 +13,8 @@ interrupted run leaves the bundle exactly as it was.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -23,8 +25,8 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from specx.drafttrain.data import (DistillationSet, Progress, corpus_texts, distill, draft_vocabulary, generate_texts,
-                                   no_progress)
+from specx.drafttrain.data import (TOP_K, DistillationSet, Progress, corpus_texts, distill, draft_vocabulary,
+                                   generate_texts, no_progress)
 from specx.drafttrain.model import FeatureDraftModel
 from specx.drafttrain.train import TrainConfig, agreement, default_feature_layers, new_draft, train
 from specx.errors import ExportError, InvalidArgumentError
@@ -37,11 +39,12 @@ from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
 from specx.graphs.feature_draft import build_feature_draft
 from specx.graphs.helpers import write_kv_commit
 from specx.graphs.passes import embed_contract, weight_bytes
-from specx.runtime.bundle import Bundle
+from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
 from specx.runtime.session import DecoderSession, open_session
 from specx.runtime.tree import chain
 
+DATA_VERSION = 1  # bump when the data recipe changes: older caches are then ignored
 DRAFT_GRAPH = "draft.onnx"
 VOCAB_FILE = "draft_vocab.npy"
 DEFAULT_TOKENS = 120_000
@@ -67,6 +70,7 @@ class TrainDraftRequest:
     seed: int = 0
     epochs: float = TrainConfig.epochs
     feature_layers: tuple[int, ...] | None = None  # None: EAGLE-3's low / middle / high
+    cache_data: bool = True  # keep the distillation set under $SPECX_HOME/train-data for later runs
 
 
 @dataclass
@@ -87,15 +91,15 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     layers = request.feature_layers or default_feature_layers(adapter.spec.num_layers)
     rng = np.random.default_rng(request.seed)
     torch.manual_seed(request.seed)
-    model = loaded.model.to(device)
-    texts = generate_texts(model, loaded.tokenizer, request.tokens, rng, progress) if request.tokens else []
-    texts += corpus_texts(loaded.tokenizer, request.corpus)
-    if len(texts) < 2 * MIN_HELD_OUT:
-        raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
-    order = rng.permutation(len(texts))
-    texts = [texts[i] for i in order]
-    data = distill(model, texts, layers, progress)
-    model.to("cpu")
+    cache = _data_cache(request, manifest, layers)
+    if cache is not None and cache.is_file():
+        with step(f"reusing the training data of an earlier run ({cache.name})"):
+            data = DistillationSet.load(cache)
+    else:
+        data = _distillation_data(request, loaded, layers, device, rng, progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            data.save(cache)
     train_set, held_out = data.split(max(MIN_HELD_OUT, int(len(data.tokens) * HELD_OUT_SHARE)))
     vocab_map = draft_vocabulary(train_set, request.draft_vocab, adapter.spec.vocab_size)
     config = TrainConfig(epochs=request.epochs, seed=request.seed)
@@ -107,7 +111,7 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     training = {
         "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy",
         "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "seed": request.seed,
-        "generated_tokens": int(sum(t.size for t in texts)), "corpus_files": [str(p) for p in request.corpus],
+        "data_tokens": data.num_tokens, "corpus_files": [str(p) for p in request.corpus],
         "train_tokens": train_set.num_tokens, "held_out_tokens": held_out.num_tokens, "epochs": request.epochs,
         "steps": log.steps, "first_loss": log.first_loss, "last_loss": log.last_loss,
         "train_seconds": round(log.seconds, 1), "device": device,
@@ -118,6 +122,31 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
                            step)
     training["total_seconds"] = round(time.perf_counter() - started, 1)
     return TrainDraftResult(output, training)
+
+
+def _distillation_data(request: TrainDraftRequest, loaded, layers: tuple[int, ...], device: str,
+                       rng: np.random.Generator, progress: Progress) -> DistillationSet:
+    model = loaded.model.to(device)
+    texts = generate_texts(model, loaded.tokenizer, request.tokens, rng, progress) if request.tokens else []
+    texts += corpus_texts(loaded.tokenizer, request.corpus)
+    if len(texts) < 2 * MIN_HELD_OUT:
+        raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
+    order = rng.permutation(len(texts))
+    data = distill(model, [texts[i] for i in order], layers, progress)
+    model.to("cpu")
+    return data
+
+
+def _data_cache(request: TrainDraftRequest, manifest: Manifest, layers: tuple[int, ...]) -> Path | None:
+    """Where the distillation set of this request is kept, so that training again (other epochs, vocabulary) skips
+    the slow part; None when caching is off. Keyed by everything that changes the data."""
+    if not request.cache_data:
+        return None
+    key = json.dumps({"source": manifest.target.source, "tokens": request.tokens, "seed": request.seed,
+                      "corpus": [str(Path(p).resolve()) for p in request.corpus], "layers": list(layers),
+                      "top_k": TOP_K, "version": DATA_VERSION}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return specx_home() / "train-data" / f"{Path(manifest.target.source).name}-{request.tokens}-{digest}.npz"
 
 
 def _check_request(request: TrainDraftRequest) -> None:
