@@ -12,57 +12,28 @@ with different budgets (a table, and a PNG when matplotlib is installed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import speculative  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from specx.runtime import Generator  # noqa: E402
-from specx.runtime import bench  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", action="append", required=True, type=Path)
-    parser.add_argument("--shapes", default="5x5", help="BxD tree budget x depth, comma-separated")
-    parser.add_argument("--thresholds", default="", help="adaptive-depth thresholds (default: the runtime's)")
-    parser.add_argument("--modes", default="speculative,staged")
-    parser.add_argument("--temperatures", default="0,1")
-    parser.add_argument("--prompts", type=int, default=24)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None, help="tau vs training tokens, one point per bundle")
-    args = parser.parse_args()
-
-    prompts = bench.load_prompts(None, args.prompts)
-    temperatures = [float(t) for t in args.temperatures.split(",")]
-    thresholds = [float(t) for t in args.thresholds.split(",") if t] or [None]
-    results = []
-    for path in args.bundle:
-        gen = Generator.load(path, provider="cpu", threads=args.threads)
-        training = gen.bundle.manifest.draft.training if gen.bundle.manifest.draft else None
-        for shape in args.shapes.split(","):
-            budget, depth = (int(x) for x in shape.lower().split("x"))
-            for threshold in thresholds:
-                tree = {"tree_budget": budget, "tree_depth": depth}
-                if threshold is not None:
-                    tree["tree_threshold"] = threshold
-                rows = bench.run_bench(gen, prompts, args.modes.split(","), temperatures, args.new_tokens,
-                                       tree=tree)
-                summary = bench.summarise(rows)
-                print(f"\n{path.name}  tree {shape}  threshold {threshold if threshold is not None else 'default'}")
-                print(bench.format_table(summary))
-                results.append({"bundle": str(path), "tree": tree, "training": training, "summary": summary,
-                                "rows": [r.__dict__ for r in rows]})
+    p = speculative.parser(__doc__)
+    p.set_defaults(modes="speculative,staged")
+    p.add_argument("--plot", type=Path, default=None, help="tau vs training tokens, one point per bundle")
+    args = p.parse_args()
+    results = speculative.measure(args)
     curve = tau_curve(results)
     if curve:
-        print("\ntraining tokens -> held-out agreement (1 level), tau (greedy, speculative, 24 prompts)")
+        print("\ntraining tokens -> held-out agreement (1 level), tau and speed-up (greedy, speculative)")
         for point in curve:
-            print(f"  {point['train_tokens']:>9,}  {point['agreement']:.1%}  tau {point['tau']:.2f}")
+            print(f"  {point['train_tokens']:>9,}  {point['agreement']:.1%}  tau {point['tau']:.2f}  "
+                  f"{point['speedup']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results, "curve": curve}, indent=2))
     if args.plot and curve:

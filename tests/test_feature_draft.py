@@ -115,7 +115,7 @@ def test_training_time_unroll_matches_the_runtime_tree_levels(feature_bundle: Pa
         level_logits.append(logits[0, 0])
     draft = _load_trained_torch_draft(feature_bundle, predictable_dir)
     with torch.no_grad():
-        fused = draft.fuse(torch.from_numpy(features))
+        fused = draft.fuse_features(torch.from_numpy(features))
         steps = unrolled_logits(draft, torch.from_numpy(tokens), fused, 3)
     for depth in range(2):  # level depth + 1 at row prefix + depth
         expected = steps[depth + 1][0, prefix + depth].numpy()
@@ -146,6 +146,8 @@ def _load_trained_torch_draft(bundle_dir: Path, predictable_dir: Path):
         draft.down_proj: w["model.layers.0.mlp.down_proj.weight"].T,
         draft.attn_norm: w["model.layers.0.input_layernorm.weight"],
         draft.mlp_norm: w["model.layers.0.post_attention_layernorm.weight"], draft.norm: w["model.norm.weight"],
+        draft.embed_norm: w["draft.embed_norm.weight"], draft.state_norm: w["draft.state_norm.weight"],
+        draft.feature_norm: np.ones_like(draft.feature_norm.weight.detach().numpy()),  # gains folded into fuse
     }
     with torch.no_grad():
         for module, array in pairs.items():

@@ -90,6 +90,12 @@ class DistillationSet:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def head(self, tokens: int) -> "DistillationSet":
+        """The first texts, about ``tokens`` tokens in all (a smaller budget from a larger set: the texts are in
+        random order, so this is a random subset)."""
+        count = int(np.searchsorted(self.offsets, tokens, side="left"))
+        return self._subset(range(max(1, min(count, len(self.tokens)))))
+
     def split(self, held_out: int) -> tuple["DistillationSet", "DistillationSet"]:
         """The last ``held_out`` texts apart (for agreement measured on text the draft never trained on)."""
         cut = len(self.tokens) - held_out

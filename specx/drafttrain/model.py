@@ -34,7 +34,12 @@ class FeatureDraftModel(nn.Module):
         self.register_buffer("embed", embed.detach().clone(), persistent=False)  # frozen: the target's
         self.register_buffer("rope_cos", rope_cos.detach().clone(), persistent=False)  # (positions, head_dim / 2)
         self.register_buffer("rope_sin", rope_sin.detach().clone(), persistent=False)
+        self.feature_chunks = feature_width // hidden
+        self.feature_norm = RMSNorm(hidden)  # each layer's features normalised (their scales differ by 100x and
+        self.feature_norm.weight = nn.Parameter(torch.ones(self.feature_chunks, hidden))  # more); one gain each
         self.fuse = nn.Linear(feature_width, hidden, bias=False)
+        self.embed_norm = RMSNorm(hidden)  # EAGLE-3: token embedding and state normalised before they meet
+        self.state_norm = RMSNorm(hidden)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.attn_norm = RMSNorm(hidden)
         self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=False)
@@ -49,9 +54,15 @@ class FeatureDraftModel(nn.Module):
         self.head = nn.Linear(hidden, draft_vocab, bias=False)
 
     # -- pieces ------------------------------------------------------------------------------------------------
+    def fuse_features(self, features: torch.Tensor) -> torch.Tensor:
+        """features (batch, seq, chunks * hidden) -> state (batch, seq, hidden): each chunk RMS-normalised."""
+        batch, seq, _ = features.shape
+        chunks = features.view(batch, seq, self.feature_chunks, -1)
+        return self.fuse(self.feature_norm(chunks).reshape(batch, seq, -1))
+
     def layer_input(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """tokens (batch, seq), state (batch, seq, hidden) -> the layer's input (batch, seq, hidden)."""
-        return self.fc(torch.cat([self.embed[tokens], state], dim=-1))
+        return self.fc(torch.cat([self.embed_norm(self.embed[tokens]), self.state_norm(state)], dim=-1))
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, seq, hidden) -> q (batch, heads, seq, hd), k and v (batch, heads, seq, hd) (kv repeated)."""
@@ -94,8 +105,11 @@ class FeatureDraftModel(nn.Module):
             mlp_norm=Norm(self.mlp_norm.weight.detach().numpy().copy()),
             gate=Linear(t(self.gate_proj)), up=Linear(t(self.up_proj)), down=Linear(t(self.down_proj)),
         )
+        gains = self.feature_norm.weight.detach().numpy().reshape(-1, 1)  # folded into the fuse rows
         return FeatureDraftWeights(
-            embed=self.embed.float().numpy(), fuse=Linear(t(self.fuse)), fc=Linear(t(self.fc)), layer=layer,
+            embed=self.embed.float().numpy(), fuse=Linear(t(self.fuse) * gains), fc=Linear(t(self.fc)), layer=layer,
+            embed_norm=Norm(self.embed_norm.weight.detach().numpy().copy()),
+            state_norm=Norm(self.state_norm.weight.detach().numpy().copy()), feature_chunks=self.feature_chunks,
             final_norm=Norm(self.norm.weight.detach().numpy().copy()), head=t(self.head),
             rope_cos=self.rope_cos.float().numpy(), rope_sin=self.rope_sin.float().numpy())
 

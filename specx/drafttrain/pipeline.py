@@ -44,6 +44,7 @@ from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, Mo
 from specx.runtime.session import DecoderSession, open_session
 from specx.runtime.tree import chain
 
+LARGER_SLACK = 1.1  # a cached set up to 10% over the budget is used whole
 DATA_VERSION = 1  # bump when the data recipe changes: older caches are then ignored
 DRAFT_GRAPH = "draft.onnx"
 VOCAB_FILE = "draft_vocab.npy"
@@ -92,9 +93,11 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     rng = np.random.default_rng(request.seed)
     torch.manual_seed(request.seed)
     cache = _data_cache(request, manifest, layers)
-    if cache is not None and cache.is_file():
-        with step(f"reusing the training data of an earlier run ({cache.name})"):
-            data = DistillationSet.load(cache)
+    larger = _larger_cache(cache, request.tokens) if cache is not None else None
+    if larger is not None:
+        with step(f"reusing the training data of an earlier run ({larger.name})"):
+            data = DistillationSet.load(larger)
+            data = data.head(request.tokens) if data.num_tokens > request.tokens * LARGER_SLACK else data
     else:
         data = _distillation_data(request, loaded, layers, device, rng, progress)
         if cache is not None:
@@ -142,11 +145,20 @@ def _data_cache(request: TrainDraftRequest, manifest: Manifest, layers: tuple[in
     the slow part; None when caching is off. Keyed by everything that changes the data."""
     if not request.cache_data:
         return None
-    key = json.dumps({"source": manifest.target.source, "tokens": request.tokens, "seed": request.seed,
+    key = json.dumps({"source": manifest.target.source, "seed": request.seed,
                       "corpus": [str(Path(p).resolve()) for p in request.corpus], "layers": list(layers),
                       "top_k": TOP_K, "version": DATA_VERSION}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return specx_home() / "train-data" / f"{Path(manifest.target.source).name}-{request.tokens}-{digest}.npz"
+    return specx_home() / "train-data" / f"{Path(manifest.target.source).name}-{digest}-{request.tokens}.npz"
+
+
+def _larger_cache(cache: Path, tokens: int) -> Path | None:
+    """This request's cached data, or the data of a larger budget with everything else the same (its first texts
+    serve a smaller budget)."""
+    stem = cache.stem.rsplit("-", 1)[0]
+    sizes = sorted((int(p.stem.rsplit("-", 1)[1]), p) for p in cache.parent.glob(f"{stem}-*.npz")
+                   if p.stem.rsplit("-", 1)[1].isdigit())
+    return next((p for size, p in sizes if size >= tokens), None)
 
 
 def _check_request(request: TrainDraftRequest) -> None:
@@ -245,7 +257,7 @@ def draft_parity(draft: FeatureDraftModel, path: Path, contract: GraphContract, 
                            {FEATURES: np.zeros((1, 0, contract.feature_width), np.float32), HIDDEN: hidden})
     hidden_2 = ort.outputs[HIDDEN_STATES].copy()
     with torch.no_grad():
-        state = torch.cat([draft.fuse(torch.from_numpy(features)), torch.from_numpy(hidden)], dim=1)
+        state = torch.cat([draft.fuse_features(torch.from_numpy(features)), torch.from_numpy(hidden)], dim=1)
         both = chain(2 * rows)
         ref_logits, ref_hidden = draft(torch.from_numpy(tokens), state, torch.from_numpy(both.positions(0)),
                                        torch.from_numpy(both.attention_mask(0)[:, :, :, :]))

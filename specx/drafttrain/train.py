@@ -117,7 +117,7 @@ def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -
 
 
 def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> torch.Tensor:
-    fused = draft.fuse(batch.features)
+    fused = draft.fuse_features(batch.features)
     total = torch.zeros(())
     weights = 0.0
     for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
@@ -216,7 +216,7 @@ def agreement(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.nda
             for row, i in enumerate(texts):
                 n, at = data.tokens[i].size, int(data.offsets[i])
                 wanted[row, :n] = target_top[at:at + n]
-            for k, logits in enumerate(unrolled_logits(draft, batch.tokens, draft.fuse(batch.features), steps)):
+            for k, logits in enumerate(unrolled_logits(draft, batch.tokens, draft.fuse_features(batch.features), steps)):
                 guess = torch.from_numpy(vocab_map)[logits.argmax(-1)]
                 rows = real.clone()
                 rows[:, :k] = False

@@ -1,10 +1,13 @@
 """The feature draft's graph: one decoder layer that reads the target's features (EAGLE-3 style), built from the
 trained weights with the target decoder's own blocks (``specx.graphs.decoder``)::
 
-    features (batch, feature_rows, F) --MatMul(fuse)--> (batch, feature_rows, hidden)   target features, fused
+    features (batch, feature_rows, F) -Reshape(.., chunks, hidden)-RMSNorm-Reshape-MatMul(fuse)-> (.., hidden)
     hidden   (batch, hidden_rows, hidden) -------------------------------------------  the draft's own states
-        Concat(axis=1) -> g (batch, seq, hidden)           the first feature_rows tokens, then the rest
-    input_ids --Gather(embed)--> e;  Concat(e, g, axis=-1) --MatMul(fc)--> x              (batch, seq, hidden)
+        Concat(axis=1) -> g (batch, seq, hidden) -RMSNorm->  the first feature_rows tokens, then the rest
+    input_ids --Gather(embed)-RMSNorm-> e;  Concat(e, g, axis=-1) --MatMul(fc)--> x       (batch, seq, hidden)
+
+(each layer's features are normalised on their own: their scales differ by orders of magnitude; the per-chunk
+gains are folded into the fuse matrix)
     x -> RMSNorm -> attention (GroupQueryAttention over the draft's one-layer cache, tree bias) -> SkipNorm(+x)
       -> SwiGLU MLP -> SkipNorm(+residual, final norm) -> normed, sum
     sum    -> hidden_states (batch, seq, hidden)         what the next tree level reads as ``hidden``
@@ -36,6 +39,9 @@ class FeatureDraftWeights:
     embed: np.ndarray  # (target vocab, hidden): the target's token embedding, frozen
     fuse: Linear  # (feature_width, hidden): target features -> hidden
     fc: Linear  # (2 * hidden, hidden): [token embedding, state] -> the layer's input
+    embed_norm: Norm  # RMSNorm of the token embedding, and of the state, before they meet
+    state_norm: Norm
+    feature_chunks: int  # target layers in the features (each RMS-normalised, gains folded into fuse)
     layer: LayerWeights
     final_norm: Norm
     head: np.ndarray  # (hidden, draft_vocab)
@@ -53,10 +59,19 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     family = draft_family(eps)
     b = GraphBuilder("specx_feature_draft", "float32")
     attention = _attention_inputs(b, "float32")
-    fused = b.op1("MatMul", [FEATURES, b.weight("draft.fuse.weight", weights.fuse.weight)], "/draft/fuse/MatMul")
+    hidden = weights.embed.shape[1]
+    chunks = b.op1("Reshape", [FEATURES, b.constant("/draft/constants/chunk_shape",
+                                                    np.array([0, 0, weights.feature_chunks, hidden], np.int64))],
+                   "/draft/features/Reshape")  # (batch, feature_rows, chunks, hidden)
+    normed = _rms(b, "/draft/feature_norm", chunks, np.ones(hidden, np.float32), eps)
+    flat = b.op1("Reshape", [normed, b.constant("/draft/constants/flat_shape", np.array([0, 0, weights.feature_chunks * hidden], np.int64))],
+                 "/draft/features/Reshape_1")
+    fused = b.op1("MatMul", [flat, b.weight("draft.fuse.weight", weights.fuse.weight)], "/draft/fuse/MatMul")
     state = b.op1("Concat", [fused, HIDDEN], "/draft/state/Concat", axis=1)  # (batch, seq, hidden)
+    state = _rms(b, "/draft/state_norm", state, weights.state_norm.weight, eps)
     embed = b.op1("Gather", [b.weight("model.embed_tokens.weight", weights.embed), INPUT_IDS],
                   "/model/embed_tokens/Gather")
+    embed = _rms(b, "/draft/embed_norm", embed, weights.embed_norm.weight, eps)
     joined = b.op1("Concat", [embed, state], "/draft/input/Concat", axis=-1)  # (batch, seq, 2 * hidden)
     x0 = _linear(b, "/draft/fc", weights.fc, joined)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layer.attn_norm, x0)
@@ -69,3 +84,8 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     logits = b.op1("MatMul", [normed, b.weight("lm_head.weight", weights.head)], "/lm_head/MatMul")
     b.rename_output(logits, LOGITS)
     return b.model(contract.inputs, contract.outputs, opset)
+
+
+def _rms(b: GraphBuilder, prefix: str, x: str, gamma: np.ndarray, eps: float) -> str:
+    return b.op1("SimplifiedLayerNormalization", [x, b.weight(f"{prefix[1:].replace('/', '.')}.weight", gamma)],
+                 f"{prefix}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)

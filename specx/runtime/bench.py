@@ -43,6 +43,9 @@ class BenchRow:
     overhead: float  # share of wall time outside model runs
     identical: bool  # same tokens as autoregressive decoding (greedy: must; sampling: same seed, usually)
     draft_cost: float = 0.0  # mean draft call time over plain decoding's one-token target step time
+    target_share: float = 0.0  # shares of wall time: target runs, draft runs, n-gram proposals
+    draft_share: float = 0.0
+    draft2_share: float = 0.0
 
 
 def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Prompt]:
@@ -102,7 +105,8 @@ def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], t
                                s.tokens_per_second / plain.stats.tokens_per_second,
                                s.tokens_per_target_call, s.draft_calls / s.new_tokens, s.weight_bytes_ratio,
                                s.overhead_fraction, result.tokens == plain.tokens,
-                               s.draft_seconds / s.draft_calls / step if s.draft_calls and step else 0.0)
+                               s.draft_seconds / s.draft_calls / step if s.draft_calls and step else 0.0,
+                               *(x / s.seconds for x in (s.target_seconds, s.draft_seconds, s.draft2_seconds)))
                 rows.append(row)
                 report(row)
     return rows
@@ -122,9 +126,11 @@ def summarise(rows: Sequence[BenchRow]) -> list[dict]:
         group = [r for r in rows if r.mode == mode and r.temperature == temperature]
         med = {f: statistics.median(getattr(r, f) for r in group)
                for f in ("tokens_per_second", "speedup", "tau", "draft_calls_per_token", "weight_bytes_ratio",
-                         "overhead", "draft_cost")}
+                         "overhead", "draft_cost", "target_share", "draft_share", "draft2_share")}
+        kinds = sorted({r.kind for r in group})
+        by_kind = {k: statistics.median(r.speedup for r in group if r.kind == k) for k in kinds}
         out.append({"mode": mode, "temperature": temperature, **med,
-                    "identical": f"{sum(r.identical for r in group)}/{len(group)}"})
+                    "identical": f"{sum(r.identical for r in group)}/{len(group)}", "speedup_by_kind": by_kind})
     return out
 
 
