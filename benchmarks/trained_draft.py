@@ -26,14 +26,16 @@ def main() -> None:
     p = speculative.parser(__doc__)
     p.set_defaults(modes="speculative,staged")
     p.add_argument("--plot", type=Path, default=None, help="tau vs training tokens, one point per bundle")
+    p.add_argument("--curve-only", action="store_true",
+                   help="no decoding runs: the curve from each bundle's training record (held-out agreement, tau)")
     args = p.parse_args()
-    results = speculative.measure(args)
-    curve = tau_curve(results)
+    results = [] if args.curve_only else speculative.measure(args)
+    curve = recorded_curve(args.bundle) if args.curve_only else tau_curve(results)
     if curve:
         print("\ntraining tokens -> held-out agreement (1 level), tau and speed-up (greedy, speculative)")
         for point in curve:
-            print(f"  {point['train_tokens']:>9,}  {point['agreement']:.1%}  tau {point['tau']:.2f}  "
-                  f"{point['speedup']:.2f}x")
+            speedup = f"{point['speedup']:.2f}x" if point["speedup"] is not None else ""
+            print(f"  {point['train_tokens']:>9,}  {point['agreement']:.1%}  tau {point['tau']:.2f}  {speedup}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results, "curve": curve}, indent=2))
     if args.plot and curve:
@@ -55,6 +57,19 @@ def tau_curve(results: list[dict]) -> list[dict]:
     return sorted(points.values(), key=lambda p: p["train_tokens"])
 
 
+def recorded_curve(bundles: list[Path]) -> list[dict]:
+    """One point per bundle from what train-draft recorded: training tokens, held-out agreement per depth, tau of
+    its held-out greedy decode."""
+    points = []
+    for path in bundles:
+        training = json.loads((path / "manifest.json").read_text())["draft"]["training"]
+        points.append({"bundle": str(path), "train_tokens": training["train_tokens"],
+                       "agreement": training["held_out_agreement"][0], "agreement_all": training["held_out_agreement"],
+                       "tau": training["held_out_tau"], "speedup": None,
+                       "minutes": round(training.get("total_seconds", 0) / 60, 1)})
+    return sorted(points, key=lambda p: p["train_tokens"])
+
+
 def plot_curve(curve: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -67,7 +82,9 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     tokens = [p["train_tokens"] / 1000 for p in curve]
     ax.plot(tokens, [p["tau"] for p in curve], "o-", label="tau (greedy, speculative)")
-    ax.plot(tokens, [p["speedup"] for p in curve], "s--", label="speed-up vs plain")
+    if all(p["speedup"] is not None for p in curve):
+        ax.plot(tokens, [p["speedup"] for p in curve], "s--", label="speed-up vs plain")
+    ax.plot(tokens, [1 + p["agreement"] for p in curve], "^:", label="1 + held-out agreement (1 level)")
     ax.set_xlabel("training tokens (thousands)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -85,8 +85,8 @@ def export(
 @app.command("train-draft")
 def train_draft_command(
     model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME."),
-    tokens: int = typer.Option(120_000, help="Tokens of training text the target writes itself (about 10 minutes "
-                                             "per 100k on a 2-core CPU; a GPU takes far more in the same time)."),
+    tokens: int = typer.Option(150_000, help="Tokens of training text the target writes itself (SmolLM2-135M on a "
+                                             "2-core CPU: ~18 minutes of the ~36 in all; a GPU writes far more)."),
     corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to train on as well (teacher-forced)."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the target's most used tokens."),
     epochs: float = typer.Option(4.0, help="Passes over the training text."),
@@ -273,6 +273,9 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every measurement to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-up and tau per mode and prompt kind to this "
                                                              "PNG (needs matplotlib: pip install 'specx[plot]')."),
+    against: Optional[str] = typer.Option(None, help="Peers on the same prompts, in the same table: "
+                                                     "transformers, llama.cpp (comma-separated; a peer that is not "
+                                                     "installed is skipped with a note)."),
     tune: bool = typer.Option(False, "--tune", help="Search mode, tree shape and adaptive-depth threshold on this "
                                                     "machine (first 8 prompts unless --limit) and write the fastest "
                                                     "into the bundle as the default of run, Generator and bench."),
@@ -307,9 +310,15 @@ def bench(
                    f"{', '.join(['autoregressive', *chosen])}, {max_new_tokens} tokens each", err=True)
         tree = {k: v for k, v in (("tree_budget", tree_budget), ("tree_depth", tree_depth),
                                   ("tree_threshold", tree_threshold)) if v is not None}
+        peers = []
+        if against:
+            from specx.peers import load_peers
+
+            peers = load_peers(against.split(","), generator.bundle.manifest, threads,
+                               lambda note: typer.echo(note, err=True))
         rows = b.run_bench(generator, prompt_set, chosen, temps, max_new_tokens,
                            lambda r: typer.echo(f"  {r.mode} T={r.temperature:g} {r.prompt}: {r.speedup:.2f}x", err=True),
-                           tree)
+                           tree, peers)
         summary = b.summarise(rows)
         typer.echo(b.format_table(summary))
         if json_out:

@@ -279,3 +279,13 @@ def test_bench_tune_writes_the_default_that_run_uses(gpt2_bundle, tmp_path):
                                "--mode", "speculative", "--tree-budget", "3", "--tree-depth", "3",
                                "--json"]).stdout)["stats"]
     assert (explicit["tree_budget"], explicit["tree_depth"]) == (3, 3)  # flags still override the tuned default
+
+
+def test_bench_against_peers(gpt2_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _ok(["bench", str(gpt2_bundle), "--limit", "2", "--temperatures", "0", "--max-new-tokens", "8",
+                  "--modes", "speculative", "--against", "transformers,llama.cpp,nonesuch", "--json", str(out)])
+    assert "transformers" in result.stdout  # the peer's line in the same table
+    assert "--against llama.cpp: skipped" in result.output and "unknown peer" in result.output
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["mode"] == "transformers"]
+    assert len(rows) == 2 and all(r["identical"] for r in rows)  # transformers greedy == specx greedy, token for token

@@ -151,7 +151,7 @@ def _load_trained_torch_draft(bundle_dir: Path, predictable_dir: Path):
     }
     with torch.no_grad():
         for module, array in pairs.items():
-            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+            module.weight.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
     return draft.eval()
 
 

@@ -48,7 +48,7 @@ LARGER_SLACK = 1.1  # a cached set up to 10% over the budget is used whole
 DATA_VERSION = 1  # bump when the data recipe changes: older caches are then ignored
 DRAFT_GRAPH = "draft.onnx"
 VOCAB_FILE = "draft_vocab.npy"
-DEFAULT_TOKENS = 120_000
+DEFAULT_TOKENS = 150_000  # SmolLM2-135M on a 2-core CPU: 36 minutes with 4 epochs (docs/benchmarks.md)
 DEFAULT_DRAFT_VOCAB = 8192
 HELD_OUT_SHARE = 0.05
 MIN_HELD_OUT = 2
@@ -122,8 +122,7 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
         "untrained_agreement": [round(a, 4) for a in untrained],
     }
     output = _write_bundle(bundle.path, manifest, loaded, adapter, layers, draft, vocab_map, training, held_out,
-                           step)
-    training["total_seconds"] = round(time.perf_counter() - started, 1)
+                           step, started)
     return TrainDraftResult(output, training)
 
 
@@ -185,7 +184,8 @@ def _device(device: str) -> str:
 
 # -- the bundle -------------------------------------------------------------------------------------------------
 def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...], draft: FeatureDraftModel,
-                  vocab_map: np.ndarray, training: dict, held_out: DistillationSet, step: Step) -> Path:
+                  vocab_map: np.ndarray, training: dict, held_out: DistillationSet, step: Step,
+                  started: float) -> Path:
     staging = path.parent / f".{path.name}.train-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -207,6 +207,7 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
         new.write(staging)
         with step("measuring tau on held-out text through the runtime"):
             training["held_out_tau"] = _held_out_tau(staging, held_out)
+        training["total_seconds"] = round(time.perf_counter() - started, 1)  # data, training, graphs, checks
         new = replace(new, draft=replace(entry, training=dict(training)))
         new.write(staging)
         replace_bundle(staging, path)

@@ -87,10 +87,14 @@ def check_modes(gen: Generator, modes: Sequence[str]) -> list[str]:
 
 def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperatures: Sequence[float],
               new_tokens: int, report: Callable[[BenchRow], None] = lambda row: None,
-              tree: dict | None = None) -> list[BenchRow]:
-    """``tree``: tree_budget / tree_depth / tree_threshold for the speculative modes (their defaults otherwise)."""
+              tree: dict | None = None, peers: Sequence = ()) -> list[BenchRow]:
+    """``tree``: tree_budget / tree_depth / tree_threshold for the speculative modes (their defaults otherwise);
+    ``peers`` (specx.peers.Peer): other runtimes on the same prompt ids, right after plain decoding."""
     for mode in ("autoregressive", *modes):  # warm-up: every session and code path once
         gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, mode=mode, **(tree or {}))
+    warm_ids = gen.bundle.tokenizer.encode(prompts[0].text).ids
+    for peer in peers:
+        peer.generate(warm_ids, WARMUP_TOKENS, 0.0, SEED)
     rows = []
     for temperature in temperatures:
         for prompt in prompts:
@@ -107,6 +111,14 @@ def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], t
                                s.overhead_fraction, result.tokens == plain.tokens,
                                s.draft_seconds / s.draft_calls / step if s.draft_calls and step else 0.0,
                                *(x / s.seconds for x in (s.target_seconds, s.draft_seconds, s.draft2_seconds)))
+                rows.append(row)
+                report(row)
+            ids = gen.bundle.tokenizer.encode(prompt.text).ids
+            for peer in peers:
+                tokens, seconds = peer.generate(ids, new_tokens, temperature, SEED)
+                rate = len(tokens) / seconds if seconds > 0 else 0.0
+                row = BenchRow(peer.name, temperature, prompt.id, prompt.kind, rate,
+                               rate / plain.stats.tokens_per_second, 1.0, 0.0, 1.0, 0.0, tokens == plain.tokens)
                 rows.append(row)
                 report(row)
     return rows
