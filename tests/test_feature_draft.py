@@ -251,3 +251,9 @@ def test_train_draft_command(predictable_dir: Path, tmp_path: Path):
     assert "feature draft" in info.stdout and "vocabulary 100" in info.stdout
     bad = CliRunner().invoke(app, ["train-draft", str(out), "--draft-vocab", "1"])
     assert bad.exit_code == 1 and "draft-vocab" in bad.output
+
+
+def test_auto_samples_plainly_with_a_trained_draft_and_speculates_greedily(feature_bundle: Path):
+    gen = Generator.load(feature_bundle, provider="cpu")
+    assert gen.generate("def f1", max_new_tokens=4, temperature=1.0, seed=0).stats.mode == "autoregressive"
+    assert gen.generate("def f1", max_new_tokens=4).stats.mode == "staged"
