@@ -115,7 +115,8 @@ def train_draft_command(
 def _progress_reporters():
     """(step, bars): a spinner for steps without a count, a bar with count and ETA for those with one."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     console = Console(stderr=True)
 
@@ -317,7 +318,8 @@ def bench(
             peers = load_peers(against.split(","), generator.bundle.manifest, threads,
                                lambda note: typer.echo(note, err=True))
         rows = b.run_bench(generator, prompt_set, chosen, temps, max_new_tokens,
-                           lambda r: typer.echo(f"  {r.mode} T={r.temperature:g} {r.prompt}: {r.speedup:.2f}x", err=True),
+                           lambda r: typer.echo(f"  {r.mode} T={r.temperature:g} {r.prompt}: {r.speedup:.2f}x",
+                                                err=True),
                            tree, peers)
         summary = b.summarise(rows)
         typer.echo(b.format_table(summary))

@@ -25,7 +25,8 @@ class Peer:
     name: str
     run: Callable[[list[int], int, float, int], list[int]]  # (prompt ids, new tokens, temperature, seed) -> tokens
 
-    def generate(self, prompt_ids: list[int], new_tokens: int, temperature: float, seed: int) -> tuple[list[int], float]:
+    def generate(self, prompt_ids: list[int], new_tokens: int, temperature: float,
+                 seed: int) -> tuple[list[int], float]:
         start = time.perf_counter()
         tokens = self.run(prompt_ids, new_tokens, temperature, seed)
         return tokens, time.perf_counter() - start

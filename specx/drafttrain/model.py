@@ -121,7 +121,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def unrolled_logits(model: FeatureDraftModel, tokens: torch.Tensor, fused: torch.Tensor, steps: int) -> list[torch.Tensor]:
+def unrolled_logits(model: FeatureDraftModel, tokens: torch.Tensor, fused: torch.Tensor,
+                    steps: int) -> list[torch.Tensor]:
     """The training-time unroll: step 0 reads the target's (fused) features; step k reads the draft's own hidden
     states of step k - 1, shifted one row, as a tree level k deep does at run time.
 

@@ -264,7 +264,8 @@ def draft_parity(draft: FeatureDraftModel, path: Path, contract: GraphContract, 
                                        torch.from_numpy(both.attention_mask(0)[:, :, :, :]))
     got_logits = np.concatenate([logits_1, logits_2], axis=1)
     got_hidden = np.concatenate([hidden_1, hidden_2], axis=1)
-    diff = max(float(np.abs(got_logits - ref_logits.numpy()).max()), float(np.abs(got_hidden - ref_hidden.numpy()).max()))
+    diff = max(float(np.abs(got_logits - ref_logits.numpy()).max()),
+               float(np.abs(got_hidden - ref_hidden.numpy()).max()))
     tolerance = PARITY_TOLERANCE * max(1.0, float(np.abs(ref_logits.numpy()).max()))
     if diff > tolerance:
         raise ExportError(f"the draft graph differs from the trained draft by {diff:.3g} (tolerance {tolerance:.3g})")

@@ -216,7 +216,8 @@ def agreement(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.nda
             for row, i in enumerate(texts):
                 n, at = data.tokens[i].size, int(data.offsets[i])
                 wanted[row, :n] = target_top[at:at + n]
-            for k, logits in enumerate(unrolled_logits(draft, batch.tokens, draft.fuse_features(batch.features), steps)):
+            fused = draft.fuse_features(batch.features)
+            for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, steps)):
                 guess = torch.from_numpy(vocab_map)[logits.argmax(-1)]
                 rows = real.clone()
                 rows[:, :k] = False
