@@ -93,6 +93,8 @@ class Batch:
     features: torch.Tensor  # (batch, seq, F): the target's features at t - 1 (zeros at t = 0)
     target_ids: torch.Tensor  # (batch, seq, TOP_K) draft ids of the target's top tokens, -1 outside the vocabulary
     target_probs: torch.Tensor  # (batch, seq, TOP_K)
+    target_top: torch.Tensor  # (batch, seq) the target's argmax (target ids), -1 on padding
+    real: torch.Tensor  # (batch, seq) bool: rows of a text, not padding
     valid: torch.Tensor  # (batch, seq) bool: real rows whose target argmax the draft can produce
 
 
@@ -103,6 +105,7 @@ def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -
     features = np.zeros((n, width, feature_width), np.float32)
     ids = np.full((n, width, top), -1, np.int64)
     probs = np.zeros((n, width, top), np.float32)
+    target_top = np.full((n, width), -1, np.int64)
     real = np.zeros((n, width), bool)
     for row, i in enumerate(texts):
         start, length = int(data.offsets[i]), data.tokens[i].size
@@ -110,10 +113,12 @@ def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -
         features[row, 1:length] = data.features[start:start + length - 1]
         ids[row, :length] = to_draft[data.top_ids[start:start + length]]
         probs[row, :length] = data.top_probs[start:start + length]
+        target_top[row, :length] = data.top_ids[start:start + length, 0]
         real[row, :length] = True
     valid = real & (ids[:, :, 0] >= 0)
     return Batch(torch.from_numpy(tokens), torch.from_numpy(features), torch.from_numpy(ids),
-                 torch.from_numpy(probs), torch.from_numpy(valid))
+                 torch.from_numpy(probs), torch.from_numpy(target_top), torch.from_numpy(real),
+                 torch.from_numpy(valid))
 
 
 def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> torch.Tensor:
@@ -208,19 +213,11 @@ def agreement(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.nda
         for start in range(0, len(data.tokens), 8):
             texts = np.arange(start, min(start + 8, len(data.tokens)))
             batch = make_batch(data, texts, to_draft)
-            real = torch.zeros_like(batch.valid)
-            for row, i in enumerate(texts):
-                real[row, : data.tokens[i].size] = True
-            target_top = torch.from_numpy(data.top_ids[:, 0].astype(np.int64))
-            wanted = torch.full(batch.valid.shape, -1, dtype=torch.long)
-            for row, i in enumerate(texts):
-                n, at = data.tokens[i].size, int(data.offsets[i])
-                wanted[row, :n] = target_top[at:at + n]
             fused = draft.fuse_features(batch.features)
             for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, steps)):
                 guess = torch.from_numpy(vocab_map)[logits.argmax(-1)]
-                rows = real.clone()
+                rows = batch.real.clone()
                 rows[:, :k] = False
-                hits[k] += float((guess == wanted)[rows].sum())
+                hits[k] += float((guess == batch.target_top)[rows].sum())
                 counts[k] += float(rows.sum())
     return [float(h / c) if c else 0.0 for h, c in zip(hits, counts)]

@@ -195,8 +195,7 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
     plain decoding wins when nothing beats it."""
     pool = candidates(modes, temperature > 0)
     kwargs = dict(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
-    for candidate in pool[:1]:
-        gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, **candidate.kwargs())
+    gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, **pool[0].kwargs())  # warm-up
     speedups: dict[Candidate, list[float]] = {c: [] for c in pool}
     for prompt in prompts:
         before = gen.generate(prompt.text, mode="autoregressive", **kwargs).stats.tokens_per_second
@@ -204,11 +203,12 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
         after = gen.generate(prompt.text, mode="autoregressive", **kwargs).stats.tokens_per_second
         for candidate, rate in rates.items():
             speedups[candidate].append(rate / ((before + after) / 2))
-    table = [{**asdict(c), "speedup": statistics.median(v)} for c, v in speedups.items()]
-    for c, v in speedups.items():
-        report(c, statistics.median(v))
-    best = max(pool, key=lambda c: statistics.median(speedups[c]))
-    best_speedup = statistics.median(speedups[best])
+    medians = {c: statistics.median(v) for c, v in speedups.items()}
+    table = [{**asdict(c), "speedup": m} for c, m in medians.items()]
+    for c, m in medians.items():
+        report(c, m)
+    best = max(pool, key=medians.__getitem__)
+    best_speedup = medians[best]
     if best_speedup <= 1.0:
         return Candidate("autoregressive"), 1.0, table
     return best, best_speedup, table
@@ -216,8 +216,7 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
 
 def tuning_record(best: Candidate, speedup: float, prompts: int, new_tokens: int, machine: dict) -> dict:
     """What the manifest keeps for one temperature: the winner, its measured speed-up, and where."""
-    record = {k: v for k, v in best.kwargs().items()}
-    return {**record, "speedup": round(speedup, 3), "prompts": prompts, "new_tokens": new_tokens, **machine}
+    return {**best.kwargs(), "speedup": round(speedup, 3), "prompts": prompts, "new_tokens": new_tokens, **machine}
 
 
 def write_tuning(bundle_dir: Path, tuning: dict) -> None:

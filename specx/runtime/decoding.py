@@ -103,8 +103,8 @@ class FeatureDrafter(ModelDrafter):
 
     def __init__(self, model: FeatureDraft, ngram: SessionNgram | None, log: StepLog):
         super().__init__(model, ngram, log)
+        self.model: FeatureDraft = model
         self.features = FeatureLog(model.session.contract.feature_width)
-        self.feature_draft = model
 
     def prefilled(self, target: DecoderSession, first_position: int) -> None:
         self.features.clear()
@@ -112,7 +112,7 @@ class FeatureDrafter(ModelDrafter):
 
     def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
         first = self.session.past_len  # pending tokens at [first, len): each reads the features of the one before
-        self.feature_draft.pending_features = self.features.take(range(first - 1, len(committed) - 1))
+        self.model.pending_features = self.features.take(range(first - 1, len(committed) - 1))
         return super().draft(committed, shape)
 
     def commit(self, target: DecoderSession, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:

@@ -102,7 +102,7 @@ class TokenDraft:
 
     def level(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
               states: np.ndarray | None) -> DraftPass:
-        return DraftPass(self.session.forward(tokens, positions, mask)[0])
+        return self.first(tokens, positions, mask)  # no states to read: every call is the same pass
 
 
 @dataclass
