@@ -50,7 +50,8 @@ def predictable_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def feature_bundle(tmp_path_factory: pytest.TempPathFactory, predictable_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-feature"
     export_bundle(ExportRequest(str(predictable_dir), draft="none", output=out, dtype="fp32", ngram_tokens=0))
-    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=TINY_EPOCHS), _step)
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=TINY_EPOCHS,
+                                  draft_bits=None), _step)  # float32: the parity tests compare it with torch
     return out
 
 
@@ -68,6 +69,37 @@ def test_training_learns_and_beats_an_untrained_draft(predictable_dir: Path):
     assert log.last_loss < 0.8 * log.first_loss
     assert after[0] > before[0] + 0.1, (before, after)  # measured: 1% -> 28% (one level), 1% -> 19% (two)
     assert after[1] > before[1] + 0.05, (before, after)
+
+
+def test_the_target_writes_chat_and_plain_texts_that_run_past_the_end_token(models_dir: Path):
+    from transformers import AutoTokenizer
+
+    from tests.test_chat import TEMPLATE
+
+    path = tiny_models.save_llama(models_dir / "tiny-llama-chat-texts", layers=1, seed=6)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = TEMPLATE
+    model = load_source(str(path)).model
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] += 4.0  # the end token comes early and often
+    texts = generate_texts(model, tokenizer, 3000, np.random.default_rng(0))
+    assistant = tokenizer("<s>assistant", add_special_tokens=False)["input_ids"]
+    chat = [any(t[i:i + len(assistant)].tolist() == assistant for i in range(t.size)) for t in texts]
+    plain = [t for t, c in zip(texts, chat) if not c]
+    assert sum(chat) >= 2 and len(plain) >= 4  # template turns; openings, free and random samples
+    assert sum(eos in t[:-1].tolist() for t in plain) >= len(plain) // 2  # written on past the end token
+    assert sum(t.size for t in texts) >= 3000
+
+
+def test_bfloat16_is_used_only_where_it_measures_faster(monkeypatch):
+    from specx.drafttrain import precision
+
+    assert precision.fast_dtype("cpu") in (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(precision, "_matmul_seconds", lambda dtype: 1.0 if dtype == torch.bfloat16 else 0.5)
+    assert precision.fast_dtype("cpu") == torch.float32  # emulated bfloat16 (no AMX / AVX512-BF16): slower
+    monkeypatch.setattr(precision, "_matmul_seconds", lambda dtype: 1.0 if dtype == torch.bfloat16 else 3.0)
+    assert precision.fast_dtype("cpu") == torch.bfloat16
 
 
 def test_bundle_records_the_training(feature_bundle: Path):
@@ -221,6 +253,24 @@ def test_an_interrupted_training_leaves_the_bundle_unchanged(feature_bundle: Pat
     Generator.load(copy, provider="cpu").generate("def f1", max_new_tokens=4, mode="speculative")
 
 
+def test_an_int8_draft_graph_is_quantized_and_lossless(feature_bundle: Path, tmp_path: Path):
+    import onnx
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(feature_bundle, copy)
+    train_draft(TrainDraftRequest(copy, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=1), _step)  # default
+    draft = Bundle.load(copy).manifest.draft
+    assert draft.quantization["bits"] == 8 and "unquantized_max_abs_diff" in draft.parity
+    graph = onnx.load(str(copy / draft.graph), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) >= 7  # fuse, fc, q/k/v or qkv, o, mlp, head
+    assert draft.weight_bytes < 0.5 * Bundle.load(feature_bundle).manifest.draft.weight_bytes
+    gen = Generator.load(copy, provider="cpu")
+    for prompt in PROMPTS[:2]:
+        plain = gen.generate(prompt, max_new_tokens=24, mode="autoregressive", ignore_eos=True)
+        spec = gen.generate(prompt, max_new_tokens=24, mode="speculative", ignore_eos=True)
+        assert spec.tokens == plain.tokens and spec.stats.draft_calls > 0
+
+
 def test_a_draft_that_does_not_fit_its_target_is_a_clear_error(feature_bundle: Path, tmp_path: Path):
     copy = tmp_path / "bundle"
     shutil.copytree(feature_bundle, copy)
@@ -251,6 +301,8 @@ def test_train_draft_command(predictable_dir: Path, tmp_path: Path):
     assert "feature draft" in info.stdout and "vocabulary 100" in info.stdout
     bad = CliRunner().invoke(app, ["train-draft", str(out), "--draft-vocab", "1"])
     assert bad.exit_code == 1 and "draft-vocab" in bad.output
+    bad = CliRunner().invoke(app, ["train-draft", str(out), "--draft-dtype", "int9"])
+    assert bad.exit_code == 1 and "--draft-dtype" in bad.output
 
 
 def test_auto_samples_plainly_with_a_trained_draft_and_speculates_greedily(feature_bundle: Path):

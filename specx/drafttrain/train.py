@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from specx.drafttrain.data import DistillationSet, Progress, no_progress
 from specx.drafttrain.model import FeatureDraftModel, unrolled_logits
+from specx.drafttrain.precision import fast_dtype
 from specx.exporter.adapters import ArchitectureAdapter
 
 WARMUP_STEPS = 20
@@ -33,6 +34,7 @@ class TrainConfig:
     clip: float = 0.5
     weight_decay: float = 0.0
     seed: int = 0
+    mixed_precision: bool | None = None  # bfloat16 autocast; None: where the device runs it faster (precision.py)
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, ...]:
@@ -97,6 +99,9 @@ class Batch:
     real: torch.Tensor  # (batch, seq) bool: rows of a text, not padding
     valid: torch.Tensor  # (batch, seq) bool: real rows whose target argmax the draft can produce
 
+    def to(self, device: str) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -> Batch:
     width = max(data.tokens[i].size for i in texts)
@@ -159,6 +164,8 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
                                   betas=(0.9, 0.95), weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
     log = TrainLog()
+    device = next(draft.parameters()).device.type
+    mixed = fast_dtype(device) == torch.bfloat16 if config.mixed_precision is None else config.mixed_precision
     bar = progress("training the draft (steps)", total_steps)
     start = time.perf_counter()
     draft.train()
@@ -168,8 +175,9 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
             if order.size < config.batch:
                 order = np.concatenate([order, rng.permutation(texts)])
             chosen, order = order[: config.batch], order[config.batch:]
-            batch = make_batch(data, chosen, to_draft)
-            loss = unroll_loss(draft, batch, config)
+            batch = make_batch(data, chosen, to_draft).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=mixed):
+                loss = unroll_loss(draft, batch, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), config.clip)

@@ -1,0 +1,44 @@
+"""Which precision the torch side computes in: bfloat16 where the device runs it faster, float32 elsewhere.
+
+The target's labels (features and distributions) are always computed in float32; bfloat16 only writes the training
+text (a bf16 copy of the target samples as the fp32 one does, token for token on most steps) and runs the draft's
+matrix products under autocast (its master weights stay float32). On CPUs, bfloat16 is fast only where the hardware
+has it (AMX, AVX512-BF16) and far slower where it is emulated, so it is measured on the spot, not assumed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+PROBE_SHAPE = (128, 576, 1536)  # rows x inner x outer: one small decoder's MLP over a batch of tokens
+PROBE_REPEATS = 5
+MIN_GAIN = 1.2  # bfloat16 must be this much faster to be used
+
+
+def fast_dtype(device: str) -> torch.dtype:
+    """torch.bfloat16 where ``device`` runs it clearly faster than float32, else torch.float32."""
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    fp32 = _matmul_seconds(torch.float32)
+    try:
+        bf16 = _matmul_seconds(torch.bfloat16)
+    except RuntimeError:  # a build without bfloat16 kernels
+        return torch.float32
+    return torch.bfloat16 if fp32 >= MIN_GAIN * bf16 else torch.float32
+
+
+def _matmul_seconds(dtype: torch.dtype) -> float:
+    rows, inner, outer = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=generator).to(dtype)
+    b = torch.randn(inner, outer, generator=generator).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(PROBE_REPEATS):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
