@@ -85,7 +85,10 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     if all(p["speedup"] is not None for p in curve):
         ax.plot(tokens, [p["speedup"] for p in curve], "s--", label="speed-up vs plain")
     ax.plot(tokens, [1 + p["agreement"] for p in curve], "^:", label="1 + held-out agreement (1 level)")
-    ax.set_xlabel("training tokens (thousands)")
+    ax.set_xscale("log")  # each doubling of the data one step
+    ax.set_xticks(tokens, [f"{t:.0f}" for t in tokens])
+    ax.minorticks_off()
+    ax.set_xlabel("training tokens (thousands, log scale)")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("SmolLM2-135M feature draft, 2-core CPU")

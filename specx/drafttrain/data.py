@@ -180,8 +180,8 @@ def _continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
     sampling = {} if greedy else {"temperature": SAMPLING_TEMPERATURE, "top_k": 0, "top_p": 1.0}
     stops = {} if new_only else {"eos_token_id": []}  # [] : no token stops the batch
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad,
-                             do_sample=not greedy, **sampling, **stops)
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
+                             pad_token_id=pad, do_sample=not greedy, **sampling, **stops).cpu()
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and new_only else set()
     results = []
     for row, prompt in enumerate(prompts):
@@ -228,9 +228,10 @@ def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers:
                 ids[row, : texts[i].size] = torch.from_numpy(texts[i])
                 mask[row, : texts[i].size] = 1
             with torch.no_grad():
-                out = model(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-                feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1)  # (batch, width, F)
-                probs, idx = torch.softmax(out.logits.float(), dim=-1).topk(TOP_K, dim=-1)
+                out = model(ids.to(model.device), attention_mask=mask.to(model.device), output_hidden_states=True,
+                            use_cache=False)
+                feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1).cpu()  # (batch, width, F)
+                probs, idx = (t.cpu() for t in torch.softmax(out.logits.float(), dim=-1).topk(TOP_K, dim=-1))
             for row, i in enumerate(batch):
                 n, at = texts[i].size, int(offsets[i])
                 features[at:at + n] = feats[row, :n].numpy()

@@ -132,8 +132,8 @@ def unrolled_logits(model: FeatureDraftModel, tokens: torch.Tensor, fused: torch
     t < k of step k have no valid input and must be left out of the loss.
     """
     batch, seq = tokens.shape
-    positions = torch.arange(seq)[None].expand(batch, seq)
-    rows = torch.arange(seq)
+    positions = torch.arange(seq, device=tokens.device)[None].expand(batch, seq)
+    rows = torch.arange(seq, device=tokens.device)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     out: list[torch.Tensor] = []

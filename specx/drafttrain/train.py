@@ -128,7 +128,7 @@ def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -
 
 def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> torch.Tensor:
     fused = draft.fuse_features(batch.features)
-    total = torch.zeros(())
+    total = torch.zeros((), device=batch.tokens.device)
     weights = 0.0
     for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
         valid = batch.valid.clone()
