@@ -260,7 +260,12 @@ def test_an_int8_draft_graph_is_quantized_and_lossless(feature_bundle: Path, tmp
     shutil.copytree(feature_bundle, copy)
     train_draft(TrainDraftRequest(copy, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=1), _step)  # default
     draft = Bundle.load(copy).manifest.draft
-    assert draft.quantization["bits"] == 8 and "unquantized_max_abs_diff" in draft.parity
+    assert draft.quantization["bits"] == 8 and "unquantized_max_abs_logit_diff" in draft.parity
+    from typer.testing import CliRunner
+
+    from specx.cli import app
+
+    assert "before quantization" in CliRunner().invoke(app, ["info", str(copy)]).stdout
     graph = onnx.load(str(copy / draft.graph), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) >= 7  # fuse, fc, q/k/v or qkv, o, mlp, head
     assert draft.weight_bytes < 0.5 * Bundle.load(feature_bundle).manifest.draft.weight_bytes

@@ -250,7 +250,7 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
         for leftover in staging.glob(f"{path.stem}.unquantized*"):
             leftover.unlink()
         quantized = draft_parity(draft, path, commit_path(path), contract, enforce=False)
-        parity = {**quantized, "unquantized_max_abs_diff": parity["max_abs_diff"]}
+        parity = {**quantized, "unquantized_max_abs_logit_diff": parity["max_abs_diff"]}  # as export names it
     np.save(staging / VOCAB_FILE, vocab_map.astype(np.int64))
     return ModelEntry(role="draft", source="specx train-draft", graph=path.name, kv_commit=commit_path(path).name,
                       architecture=spec, contract=contract, weight_bytes=weight_bytes(path), parity=parity,
