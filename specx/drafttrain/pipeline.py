@@ -41,7 +41,7 @@ from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
 from specx.graphs.feature_draft import build_feature_draft
 from specx.graphs.helpers import write_kv_commit
 from specx.graphs.passes import embed_contract, weight_bytes
-from specx.graphs.quantize import SUPPORTED_BITS, quantize_decoder, scheme
+from specx.graphs.quantize import SUPPORTED_BITS, quantize_built, scheme, unquantized_path
 from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
 from specx.runtime.session import DecoderSession, open_session
@@ -239,16 +239,14 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
     contract = GraphContract.feature_draft(spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.hidden_size,
                                            target_contract.feature_width, "float32")
     path = staging / DRAFT_GRAPH
-    built = path.with_name(f"{path.stem}.unquantized.onnx") if bits else path
+    built = unquantized_path(path) if bits else path
     graph = build_feature_draft(spec, draft.to_weights(), contract, DEFAULT_OPSET)
     embed_contract(graph, contract)
     save_with_external_data(graph, built)
     write_kv_commit(contract, commit_path(path))
     parity = draft_parity(draft, built, commit_path(path), contract)
     if bits:
-        quantize_decoder(built, path, bits, contract)
-        for leftover in staging.glob(f"{path.stem}.unquantized*"):
-            leftover.unlink()
+        quantize_built(path, bits, contract)
         quantized = draft_parity(draft, path, commit_path(path), contract, enforce=False)
         parity = {**quantized, "unquantized_max_abs_logit_diff": parity["max_abs_diff"]}  # as export names it
     np.save(staging / VOCAB_FILE, vocab_map.astype(np.int64))

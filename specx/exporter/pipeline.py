@@ -26,7 +26,7 @@ from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path, export_decode
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
 from specx.graphs.passes import weight_bytes
-from specx.graphs.quantize import quantize_decoder, scheme
+from specx.graphs.quantize import quantize_built, scheme, unquantized_path
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, NgramEntry, TokenizerEntry
 
@@ -157,7 +157,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     path = staging / f"{role}.onnx"
     kv_dtype = "float16" if dtype == "fp16" else "float32"
     bits = QUANTIZED_DTYPES.get(dtype)
-    built = path.with_name(f"{role}.unquantized.onnx") if bits else path
+    built = unquantized_path(path) if bits else path
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
                                   feature_layers=feature_layers)
@@ -165,10 +165,8 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
         parity = validate_decoder(adapter, loaded.model, contract, built, "fp32" if bits else dtype).to_dict()
     if bits:
         with progress(f"quantizing the {role} graph to int{bits} (MatMulNBits)"):
-            quantize_decoder(built, path, bits, contract)
             commit_path(built).rename(commit_path(path))
-            for leftover in staging.glob(f"{role}.unquantized*"):
-                leftover.unlink()
+            quantize_built(path, bits, contract)
         with progress(f"measuring the int{bits} {role} graph against PyTorch"):
             quantized = validate_decoder(adapter, loaded.model, contract, path, dtype, enforce=False).to_dict()
         parity = {**quantized, "unquantized_max_abs_logit_diff": parity["max_abs_logit_diff"]}

@@ -45,6 +45,19 @@ def quantize_decoder(src: Path, dst: Path, bits: int, contract: GraphContract) -
     save_with_external_data(quantized, dst)
 
 
+def unquantized_path(path: Path) -> Path:
+    """Where a graph that will be quantized into ``path`` is built (and checked) first."""
+    return path.with_name(f"{path.stem}.unquantized.onnx")
+
+
+def quantize_built(path: Path, bits: int, contract: GraphContract) -> None:
+    """Quantize the graph built at ``unquantized_path(path)`` into ``path``, then remove the unquantized files."""
+    built = unquantized_path(path)
+    quantize_decoder(built, path, bits, contract)
+    for leftover in path.parent.glob(f"{built.stem}*"):
+        leftover.unlink()
+
+
 def _import_quantizer():  # noqa: ANN202
     """Import onnxruntime's quantizer without letting its logging.basicConfig(INFO) flood the user's terminal."""
     root = logging.getLogger()
