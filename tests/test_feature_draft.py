@@ -102,6 +102,37 @@ def test_bfloat16_is_used_only_where_it_measures_faster(monkeypatch):
     assert precision.fast_dtype("cpu") == torch.bfloat16
 
 
+def test_sampling_inside_greedy_generation_draws_from_the_tempered_distribution():
+    """The writer's sampler (one uniform per row against the CDF) follows softmax(logits / T): chi-square test."""
+    from specx.drafttrain.data import InverseCdfSampling
+
+    chi2_critical = 18.47  # 4 degrees of freedom, p = 0.001
+
+    torch.manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    rows, temperature = 40_000, 0.8
+    scores = InverseCdfSampling(temperature)(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1))
+    assert bool((torch.isfinite(scores).sum(-1) == 1).all())  # exactly one token left for the greedy step
+    counts = torch.bincount(scores.argmax(-1), minlength=logits.numel()).numpy()
+    expected = torch.softmax(logits / temperature, -1).numpy() * rows
+    assert float(((counts - expected) ** 2 / expected).sum()) < chi2_critical
+    cold = InverseCdfSampling(0.05)(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1)).argmax(-1)
+    assert float((cold == 2).float().mean()) > 0.99  # low temperature: nearly always the argmax
+
+
+def test_cli_defaults_are_the_pipelines():
+    """The CLI states its defaults as literals (it must import without torch); they must match the API's."""
+    import inspect
+
+    from specx import cli
+    from specx.drafttrain.pipeline import DEFAULT_DRAFT_VOCAB, DEFAULT_TOKENS
+
+    options = inspect.signature(cli.train_draft_command).parameters
+    assert options["tokens"].default.default == DEFAULT_TOKENS
+    assert options["epochs"].default.default == TrainConfig.epochs
+    assert options["draft_vocab"].default.default == DEFAULT_DRAFT_VOCAB
+
+
 def test_bundle_records_the_training(feature_bundle: Path):
     manifest = Manifest.read(feature_bundle)
     draft = manifest.draft

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 TOP_K = 32  # target probabilities kept per position (soft labels)
 MAX_TEXT_TOKENS = 256  # longest training text (prompt + continuation)
@@ -177,11 +177,12 @@ def _continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
     context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
                   or max_tokens + width)
     new = max(1, min(max_tokens, context) - width) if not new_only else min(max_tokens, context - width)
-    sampling = {} if greedy else {"temperature": SAMPLING_TEMPERATURE, "top_k": 0, "top_p": 1.0}
+    sampling = LogitsProcessorList([] if greedy else [InverseCdfSampling(SAMPLING_TEMPERATURE)])
     stops = {} if new_only else {"eos_token_id": []}  # [] : no token stops the batch
     with torch.no_grad():
         out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
-                             pad_token_id=pad, do_sample=not greedy, **sampling, **stops).cpu()
+                             pad_token_id=pad, do_sample=False, logits_processor=sampling,
+                             **stops).cpu()
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and new_only else set()
     results = []
     for row, prompt in enumerate(prompts):
@@ -192,6 +193,24 @@ def _continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
                 break
         results.append(np.asarray(generated if new_only else [*prompt, *generated], dtype=np.int64))
     return results
+
+
+class InverseCdfSampling(LogitsProcessor):
+    """Sampling at ``temperature`` inside greedy generation: each row draws its token by inverse CDF (one uniform
+    number per row, torch's global generator) and only that token keeps a finite score, so the greedy step picks
+    it. The same distribution as generate's own sampling, whose torch.multinomial took 38% of the writing time on
+    2 CPU cores (123 ms per 128 x 49k step against 27 ms here)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (batch, vocab)
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+        draw = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        chosen = torch.searchsorted(cdf, draw).clamp_max(scores.shape[-1] - 1)  # (batch, 1)
+        picked = torch.full_like(scores, float("-inf"))
+        return picked.scatter_(-1, chosen, 0.0)
 
 
 def corpus_texts(tokenizer: PreTrainedTokenizerBase, files: Sequence[Path]) -> list[np.ndarray]:
@@ -230,7 +249,7 @@ def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers:
             with torch.no_grad():
                 out = model(ids.to(model.device), attention_mask=mask.to(model.device), output_hidden_states=True,
                             use_cache=False)
-                feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1).cpu()  # (batch, width, F)
+                feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1).float().cpu()  # (batch, width, F)
                 probs, idx = (t.cpu() for t in torch.softmax(out.logits.float(), dim=-1).topk(TOP_K, dim=-1))
             for row, i in enumerate(batch):
                 n, at = texts[i].size, int(offsets[i])

@@ -26,7 +26,7 @@ MIN_LR_FRACTION = 0.1  # cosine decay down to this share of the peak
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = 4.0
+    epochs: float = 2.0
     batch: int = 8  # texts per optimiser step
     lr: float = 1e-3
     unroll: int = 3  # training-time unroll: steps on the draft's own states
