@@ -2,7 +2,7 @@
 what the draft learns from.
 
     sources of text (no hub, no downloaded data sets; never the benchmark prompts), written by the target in the
-    fastest precision the device has (precision.py): the labels below are always the float32 target's
+    fastest precision the device has (precision.py), which also computes the labels below
       chat      (models with a chat template) the target writes user requests on built-in topics, then answers
                 them through its template, greedy or sampled
       opening   such a self-written request as plain text, continued without the template (how `specx run

@@ -26,7 +26,7 @@ MIN_LR_FRACTION = 0.1  # cosine decay down to this share of the peak
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = 2.0
+    epochs: float = 8.0  # training passes, not text, limited agreement in the hour on a CPU (docs/benchmarks.md)
     batch: int = 8  # texts per optimiser step
     lr: float = 1e-3
     unroll: int = 3  # training-time unroll: steps on the draft's own states
