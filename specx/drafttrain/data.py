@@ -249,7 +249,8 @@ def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers:
             with torch.no_grad():
                 out = model(ids.to(model.device), attention_mask=mask.to(model.device), output_hidden_states=True,
                             use_cache=False)
-                feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1).float().cpu()  # (batch, width, F)
+                feats = torch.cat([out.hidden_states[k] for k in feature_layers], dim=-1)  # (batch, width, F)
+                feats = feats.float().cpu()
                 probs, idx = (t.cpu() for t in torch.softmax(out.logits.float(), dim=-1).topk(TOP_K, dim=-1))
             for row, i in enumerate(batch):
                 n, at = texts[i].size, int(offsets[i])

@@ -51,7 +51,8 @@ LARGER_SLACK = 1.1  # a cached set up to 10% over the budget is used whole
 DATA_VERSION = 4  # bump when the data recipe changes: older caches are then ignored
 DRAFT_GRAPH = "draft.onnx"
 VOCAB_FILE = "draft_vocab.npy"
-DEFAULT_TOKENS = 600_000  # SmolLM2-135M, 2-core AMX CPU, 8 epochs: ~56 min; tau 1.97 vs 900k x 4 epochs 1.83 (docs/benchmarks.md)
+# SmolLM2-135M on a 2-core AMX CPU with 8 epochs: ~56 min; tau 1.97 against 1.83 for 900k x 4 (docs/benchmarks.md)
+DEFAULT_TOKENS = 600_000
 DEFAULT_DRAFT_VOCAB = 8192
 DEFAULT_DRAFT_BITS = 8  # measured: the same draft at 0.045 of a target step (fp32: 0.095), 1.15x vs 1.03x greedy
 HELD_OUT_SHARE = 0.05
@@ -136,7 +137,8 @@ def _distillation_data(request: TrainDraftRequest, loaded, layers: tuple[int, ..
     dtype = fast_dtype(device)
     # The text and the labels come from a copy in the device's fastest precision (bfloat16 here: 2.5x faster
     # labels than float32, the same argmax at 98% of positions, features within 1%); the target stays float32.
-    model = copy.deepcopy(loaded.model).to(device=device, dtype=dtype)
+    keep = dtype == torch.float32 and device == "cpu"  # the target itself serves: no second copy in memory
+    model = loaded.model if keep else copy.deepcopy(loaded.model).to(device=device, dtype=dtype)
     texts = generate_texts(model, loaded.tokenizer, request.tokens, rng, progress) if request.tokens else []
     texts += corpus_texts(loaded.tokenizer, request.corpus)
     if len(texts) < 2 * MIN_HELD_OUT:

@@ -2,8 +2,9 @@
 
 A copy of the target in this precision writes the training text and records the labels (features and distributions:
 in bfloat16, the float32 argmax at 98% of positions and features within 1%, 2.5x faster); the draft's matrix
-products run under autocast (its master weights stay float32). The exported target stays float32. On CPUs, bfloat16 is fast only where the hardware
-has it (AMX, AVX512-BF16) and far slower where it is emulated, so it is measured on the spot, not assumed.
+products run under autocast (its master weights stay float32). The exported target stays float32. On CPUs,
+bfloat16 is fast only where the hardware has it (AMX, AVX512-BF16) and far slower where it is emulated, so it is
+measured on the spot, not assumed.
 """
 
 from __future__ import annotations
