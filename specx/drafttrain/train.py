@@ -7,7 +7,9 @@ draft vocabulary holds (EAGLE-3's recipe, with the top-K distillation of HASS).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import shutil
 import time
 from dataclasses import dataclass, fields
 
@@ -16,12 +18,16 @@ import torch
 from transformers import PreTrainedModel
 
 from specx.drafttrain.data import DistillationSet, Progress, no_progress
+from specx.drafttrain.loss import sparse_soft_cross_entropy
 from specx.drafttrain.model import FeatureDraftModel, unrolled_logits
 from specx.drafttrain.precision import fast_dtype
 from specx.exporter.adapters import ArchitectureAdapter
 
 WARMUP_STEPS = 20
 MIN_LR_FRACTION = 0.1  # cosine decay down to this share of the peak
+# torch.compile costs ~10-30 s up front and saved ~20% of a step on 2 CPU cores (docs/benchmarks.md): it pays
+# from a few hundred full steps on; tiny runs (tests) stay in eager mode.
+COMPILE_MIN_TOKEN_PASSES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     mixed_precision: bool | None = None  # bfloat16 autocast; None: where the device runs it faster (precision.py)
+    compile: bool | None = None  # torch.compile the loss; None: for runs of COMPILE_MIN_TOKEN_PASSES or more
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, ...]:
@@ -103,8 +110,9 @@ class Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray) -> Batch:
-    width = max(data.tokens[i].size for i in texts)
+def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray, width: int | None = None) -> Batch:
+    """Texts padded to ``width`` (default: the longest of them; a fixed width keeps compiled shapes fixed)."""
+    width = max(data.tokens[i].size for i in texts) if width is None else width
     n, feature_width, top = len(texts), data.features.shape[1], data.top_ids.shape[1]
     tokens = np.zeros((n, width), np.int64)
     features = np.zeros((n, width, feature_width), np.float32)
@@ -133,10 +141,8 @@ def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> 
     for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
         valid = batch.valid.clone()
         valid[:, :k] = False
-        logq = torch.log_softmax(logits.float(), dim=-1)
-        picked = logq.gather(-1, batch.target_ids.clamp(min=0))  # (batch, seq, TOP_K)
-        mass = batch.target_probs * (batch.target_ids >= 0)
-        per_row = -(mass * picked).sum(-1)
+        mass = batch.target_probs * (batch.target_ids >= 0)  # (batch, seq, TOP_K)
+        per_row = sparse_soft_cross_entropy(logits, batch.target_ids.clamp(min=0), mass)  # (batch, seq)
         if valid.any():
             total = total + config.unroll_decay ** k * per_row[valid].mean()
             weights += config.unroll_decay ** k
@@ -166,6 +172,10 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
     log = TrainLog()
     device = next(draft.parameters()).device.type
     mixed = fast_dtype(device) == torch.bfloat16 if config.mixed_precision is None else config.mixed_precision
+    passes = sum(t.size for t in data.tokens) * config.epochs
+    compiled = passes >= COMPILE_MIN_TOKEN_PASSES if config.compile is None else config.compile
+    loss_of = torch.compile(unroll_loss, dynamic=False) if compiled and _can_compile(device) else unroll_loss
+    width = max(t.size for t in data.tokens)  # one batch shape for the whole run
     bar = progress("training the draft (steps)", total_steps)
     start = time.perf_counter()
     draft.train()
@@ -175,9 +185,9 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
             if order.size < config.batch:
                 order = np.concatenate([order, rng.permutation(texts)])
             chosen, order = order[: config.batch], order[config.batch:]
-            batch = make_batch(data, chosen, to_draft).to(device)
+            batch = make_batch(data, chosen, to_draft, width).to(device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=mixed):
-                loss = unroll_loss(draft, batch, config)
+                loss = loss_of(draft, batch, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), config.clip)
@@ -194,6 +204,13 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
     draft.eval()
     log.seconds = time.perf_counter() - start
     return log
+
+
+def _can_compile(device: str) -> bool:
+    """torch.compile's code generators: a C++ compiler on CPU, Triton on CUDA. Without them, eager mode."""
+    if device == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
 
 
 def _lr_factor(step: int, total: int) -> float:
