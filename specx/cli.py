@@ -90,6 +90,8 @@ def train_draft_command(
     corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to train on as well (teacher-forced)."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the target's most used tokens."),
     epochs: float = typer.Option(8.0, help="Passes over the training text."),
+    draft_layers: int = typer.Option(1, help="Decoder layers in the draft (each adds about a layer's cost to a "
+                                             "draft call)."),
     device: str = typer.Option("auto", help="Where torch trains: auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for data and initialisation."),
     draft_dtype: str = typer.Option("int8", help="Draft graph weights: int8 or int4 weight-only quantized "
@@ -112,7 +114,7 @@ def train_draft_command(
             raise SpecxError(f"unknown --draft-dtype {draft_dtype!r}; use fp32, int8 or int4")
         step, bars = _progress_reporters()
         request = TrainDraftRequest(resolve_bundle_dir(model), tokens, tuple(corpus or ()), draft_vocab, device, seed,
-                                    epochs, cache_data=cache, draft_bits=bits)
+                                    epochs, cache_data=cache, draft_bits=bits, draft_layers=draft_layers)
         result = train_draft(request, step, bars)
         typer.echo(f"{result.bundle}: {training_summary(result.training)}; "
                    f"{result.training['total_seconds'] / 60:.1f} minutes")
@@ -391,7 +393,8 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
         elif m.draft.training:
             t = m.draft.training
             agree = ", ".join(f"{a:.0%}" for a in t.get("held_out_agreement", []))
-            typer.echo(f"training feature draft (layers {t.get('feature_layers')}, vocabulary {t.get('draft_vocab')}): "
+            typer.echo(f"training feature draft ({t.get('draft_layers', 1)} layer(s) over target layers "
+                       f"{t.get('feature_layers')}, vocabulary {t.get('draft_vocab')}): "
                        f"{t.get('train_tokens', 0):,} tokens, seed {t.get('seed')}, held-out agreement {agree}, "
                        f"tau {t.get('held_out_tau', 0):.2f}, {t.get('train_seconds', 0) / 60:.1f} min training")
         if m.ngram is None:

@@ -55,6 +55,15 @@ def feature_bundle(tmp_path_factory: pytest.TempPathFactory, predictable_dir: Pa
     return out
 
 
+@pytest.fixture(scope="module")
+def two_layer_bundle(tmp_path_factory: pytest.TempPathFactory, predictable_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-feature-2"
+    export_bundle(ExportRequest(str(predictable_dir), draft="none", output=out, dtype="fp32", ngram_tokens=0))
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=TINY_EPOCHS // 4,
+                                  draft_bits=None, draft_layers=2), _step)
+    return out
+
+
 def test_training_learns_and_beats_an_untrained_draft(predictable_dir: Path):
     loaded = load_source(str(predictable_dir))
     adapter = adapter_for(loaded.model.config)
@@ -131,6 +140,7 @@ def test_cli_defaults_are_the_pipelines():
     assert options["tokens"].default.default == DEFAULT_TOKENS
     assert options["epochs"].default.default == TrainConfig.epochs
     assert options["draft_vocab"].default.default == DEFAULT_DRAFT_VOCAB
+    assert options["draft_layers"].default.default == TrainDraftRequest.draft_layers
 
 
 def test_bundle_records_the_training(feature_bundle: Path):
@@ -142,16 +152,21 @@ def test_bundle_records_the_training(feature_bundle: Path):
     assert training["kind"] == "feature" and training["seed"] == 0 and training["draft_vocab"] == DRAFT_VOCAB
     assert training["train_tokens"] > 0 and len(training["held_out_agreement"]) == TrainConfig.unroll
     assert training["held_out_agreement"][0] > training["untrained_agreement"][0]
+    assert 0.0 < training["train_agreement"] <= 1.0 and training["draft_layers"] == 1
     assert training["held_out_tau"] > 1.0
     assert draft.parity["max_abs_diff"] <= draft.parity["tolerance"]
     assert np.load(feature_bundle / draft.vocab_map).shape == (DRAFT_VOCAB,)
 
 
-def test_training_time_unroll_matches_the_runtime_tree_levels(feature_bundle: Path, predictable_dir: Path):
+@pytest.mark.parametrize("bundle_fixture", ["feature_bundle", "two_layer_bundle"])
+def test_training_time_unroll_matches_the_runtime_tree_levels(bundle_fixture: str, predictable_dir: Path,
+                                                              request: pytest.FixtureRequest):
     """Step k of the trainer's unroll at row t == the ORT draft run as the runtime runs a tree level k deep."""
     from specx.drafttrain.model import unrolled_logits
 
+    feature_bundle = request.getfixturevalue(bundle_fixture)
     bundle = Bundle.load(feature_bundle)
+    assert bundle.manifest.draft.contract.num_layers == (2 if bundle_fixture == "two_layer_bundle" else 1)
     session = _decoder(bundle, bundle.manifest.draft, "cpu")
     session.reserve(CACHE_ROWS)
     contract = session.contract
@@ -196,22 +211,27 @@ def _load_trained_torch_draft(bundle_dir: Path, predictable_dir: Path):
     loaded = load_source(str(predictable_dir))
     adapter = adapter_for(loaded.model.config)
     vocab_map = np.load(bundle_dir / manifest.draft.vocab_map)
-    draft = new_draft(loaded.model, adapter, manifest.target.contract.feature_layers, vocab_map, seed=0)
+    draft = new_draft(loaded.model, adapter, manifest.target.contract.feature_layers, vocab_map, seed=0,
+                      num_layers=manifest.draft.contract.num_layers)
     spec = adapter.spec
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    qkv = w["model.layers.0.attn.qkv_proj.weight"].T
     pairs = {
         draft.fuse: w["draft.fuse.weight"].T, draft.fc: w["draft.fc.weight"].T, draft.head: w["lm_head.weight"].T,
-        draft.q_proj: qkv[:q], draft.k_proj: qkv[q:q + kv], draft.v_proj: qkv[q + kv:],
-        draft.o_proj: w["model.layers.0.attn.o_proj.weight"].T,
-        draft.gate_proj: w["model.layers.0.mlp.gate_proj.weight"].T,
-        draft.up_proj: w["model.layers.0.mlp.up_proj.weight"].T,
-        draft.down_proj: w["model.layers.0.mlp.down_proj.weight"].T,
-        draft.attn_norm: w["model.layers.0.input_layernorm.weight"],
-        draft.mlp_norm: w["model.layers.0.post_attention_layernorm.weight"], draft.norm: w["model.norm.weight"],
+        draft.norm: w["model.norm.weight"],
         draft.embed_norm: w["draft.embed_norm.weight"], draft.state_norm: w["draft.state_norm.weight"],
         draft.feature_norm: np.ones_like(draft.feature_norm.weight.detach().numpy()),  # gains folded into fuse
     }
+    for i, layer in enumerate(draft.layers):
+        qkv = w[f"model.layers.{i}.attn.qkv_proj.weight"].T
+        pairs |= {
+            layer.q_proj: qkv[:q], layer.k_proj: qkv[q:q + kv], layer.v_proj: qkv[q + kv:],
+            layer.o_proj: w[f"model.layers.{i}.attn.o_proj.weight"].T,
+            layer.gate_proj: w[f"model.layers.{i}.mlp.gate_proj.weight"].T,
+            layer.up_proj: w[f"model.layers.{i}.mlp.up_proj.weight"].T,
+            layer.down_proj: w[f"model.layers.{i}.mlp.down_proj.weight"].T,
+            layer.attn_norm: w[f"model.layers.{i}.input_layernorm.weight"],
+            layer.mlp_norm: w[f"model.layers.{i}.post_attention_layernorm.weight"],
+        }
     with torch.no_grad():
         for module, array in pairs.items():
             module.weight.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
@@ -228,6 +248,16 @@ def test_greedy_with_a_trained_draft_equals_plain_decoding(feature_bundle: Path,
                             tree_depth=depth)
         assert spec.tokens == plain.tokens, (prompt, mode)
         assert spec.stats.draft_calls > 0
+
+
+@pytest.mark.parametrize("mode", ["speculative", "staged"])
+def test_greedy_with_a_two_layer_draft_equals_plain_decoding(two_layer_bundle: Path, mode: str):
+    gen = Generator.load(two_layer_bundle, provider="cpu")
+    assert gen.draft.contract.num_layers == 2
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=40, mode="autoregressive", ignore_eos=True)
+        fast = gen.generate(prompt, max_new_tokens=40, mode=mode, ignore_eos=True, tree_budget=8, tree_depth=4)
+        assert fast.tokens == plain.tokens, (prompt, mode)
 
 
 def test_a_trained_draft_is_accepted_more_than_once_per_step(feature_bundle: Path):

@@ -7,6 +7,7 @@ hidden state of the row before); it returns logits for x_{t+1} over the draft vo
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,9 +26,46 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
+class DraftLayer(nn.Module):
+    """One llama-style decoder layer (RMSNorm, GQA + rotary, SwiGLU), split where the attention happens so that the
+    unroll can attend over keys of several steps."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, ffn: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.attn_norm = RMSNorm(hidden)
+        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.mlp_norm = RMSNorm(hidden)
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, seq, hidden) -> q (batch, heads, seq, hd), k and v (batch, heads, seq, hd) (kv repeated)."""
+        batch, seq, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        return q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """x: the layer's input; attended (batch, heads, seq, hd) -> the layer's output (batch, seq, hidden)."""
+        batch, _, seq, _ = attended.shape
+        r = x + self.o_proj(attended.transpose(1, 2).reshape(batch, seq, -1))
+        h = self.mlp_norm(r)
+        return r + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
 class FeatureDraftModel(nn.Module):
     def __init__(self, embed: torch.Tensor, feature_width: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 ffn: int, draft_vocab: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+                 ffn: int, draft_vocab: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_layers: int = 1):
         super().__init__()
         hidden = embed.shape[1]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -41,15 +79,8 @@ class FeatureDraftModel(nn.Module):
         self.embed_norm = RMSNorm(hidden)  # EAGLE-3: token embedding and state normalised before they meet
         self.state_norm = RMSNorm(hidden)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
-        self.attn_norm = RMSNorm(hidden)
-        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
-        self.mlp_norm = RMSNorm(hidden)
-        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+        self.layers = nn.ModuleList(DraftLayer(hidden, num_heads, num_kv_heads, head_dim, ffn)
+                                    for _ in range(num_layers))
         self.norm = RMSNorm(hidden)
         self.head = nn.Linear(hidden, draft_vocab, bias=False)
 
@@ -61,56 +92,48 @@ class FeatureDraftModel(nn.Module):
         return self.fuse(self.feature_norm(chunks).reshape(batch, seq, -1))
 
     def layer_input(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq), state (batch, seq, hidden) -> the layer's input (batch, seq, hidden)."""
+        """tokens (batch, seq), state (batch, seq, hidden) -> the first layer's input (batch, seq, hidden)."""
         return self.fc(torch.cat([self.embed_norm(self.embed[tokens]), self.state_norm(state)], dim=-1))
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (batch, seq, hidden) -> q (batch, heads, seq, hd), k and v (batch, heads, seq, hd) (kv repeated)."""
-        batch, seq, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (batch, 1, seq, hd / 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        groups = self.num_heads // self.num_kv_heads
-        return q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (batch, seq) -> cos, sin (batch, 1, seq, hd / 2)."""
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the layer's input; attended (batch, heads, seq, hd) -> (logits, hidden_states)."""
-        batch, _, seq, _ = attended.shape
-        r = x + self.o_proj(attended.transpose(1, 2).reshape(batch, seq, -1))
-        h = self.mlp_norm(r)
-        out = r + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-        return self.head(self.norm(out)), out
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (batch, seq, hidden) -> logits (batch, seq, draft_vocab)."""
+        return self.head(self.norm(out))
 
     def forward(self, tokens: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass with no cache: mask (batch, 1, seq, seq) bool, True where row i may attend to row j."""
         x = self.layer_input(tokens, state)
-        q, k, v = self.qkv(x, positions)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
-        return self.finish(x, attended)
+        cos, sin = self.rope(positions)
+        for layer in self.layers:
+            q, k, v = layer.qkv(x, cos, sin)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
+            x = layer.finish(x, attended)
+        return self.logits(x), x
 
     # -- export ------------------------------------------------------------------------------------------------
     def to_weights(self) -> FeatureDraftWeights:
         """The graph builder's layout: x @ W matrices, q/k/v and nothing else packed."""
         def t(linear: nn.Linear):  # (out, in) -> (in, out)
             return linear.weight.detach().float().numpy().T.copy()
-        import numpy as np
-        qkv = np.concatenate([t(self.q_proj), t(self.k_proj), t(self.v_proj)], axis=1)
-        layer = LayerWeights(
-            attn_norm=Norm(self.attn_norm.weight.detach().numpy().copy()),
-            qkv=Linear(qkv), o=Linear(t(self.o_proj)),
-            mlp_norm=Norm(self.mlp_norm.weight.detach().numpy().copy()),
-            gate=Linear(t(self.gate_proj)), up=Linear(t(self.up_proj)), down=Linear(t(self.down_proj)),
-        )
+
+        def norm(module: RMSNorm) -> Norm:
+            return Norm(module.weight.detach().numpy().copy())
+
+        layers = tuple(
+            LayerWeights(attn_norm=norm(layer.attn_norm),
+                         qkv=Linear(np.concatenate([t(layer.q_proj), t(layer.k_proj), t(layer.v_proj)], axis=1)),
+                         o=Linear(t(layer.o_proj)), mlp_norm=norm(layer.mlp_norm), gate=Linear(t(layer.gate_proj)),
+                         up=Linear(t(layer.up_proj)), down=Linear(t(layer.down_proj)))
+            for layer in self.layers)
         gains = self.feature_norm.weight.detach().numpy().reshape(-1, 1)  # folded into the fuse rows
         return FeatureDraftWeights(
-            embed=self.embed.float().numpy(), fuse=Linear(t(self.fuse) * gains), fc=Linear(t(self.fc)), layer=layer,
-            embed_norm=Norm(self.embed_norm.weight.detach().numpy().copy()),
-            state_norm=Norm(self.state_norm.weight.detach().numpy().copy()), feature_chunks=self.feature_chunks,
-            final_norm=Norm(self.norm.weight.detach().numpy().copy()), head=t(self.head),
+            embed=self.embed.float().numpy(), fuse=Linear(t(self.fuse) * gains), fc=Linear(t(self.fc)),
+            layers=layers, embed_norm=norm(self.embed_norm), state_norm=norm(self.state_norm),
+            feature_chunks=self.feature_chunks, final_norm=norm(self.norm), head=t(self.head),
             rope_cos=self.rope_cos.float().numpy(), rope_sin=self.rope_sin.float().numpy())
 
 
@@ -133,23 +156,25 @@ def unrolled_logits(model: FeatureDraftModel, tokens: torch.Tensor, fused: torch
     """
     batch, seq = tokens.shape
     positions = torch.arange(seq, device=tokens.device)[None].expand(batch, seq)
+    cos, sin = model.rope(positions)
     rows = torch.arange(seq, device=tokens.device)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    keys: list[list[torch.Tensor]] = [[] for _ in model.layers]  # per layer, per step
+    values: list[list[torch.Tensor]] = [[] for _ in model.layers]
     out: list[torch.Tensor] = []
     state = fused
     for k in range(steps):
-        x = model.layer_input(tokens, state)
-        q, key, value = model.qkv(x, positions)
-        keys.append(key)
-        values.append(value)
         blocks = [rows[None, :] <= rows[:, None] - k]  # step 0: the prefix up to t - k
         blocks += [rows[None, :] == rows[:, None] - k + j for j in range(1, k + 1)]  # step j: one row each
         mask = torch.cat(blocks, dim=1)  # (seq, (k + 1) * seq)
         mask = mask | ~mask.any(dim=1, keepdim=True)  # rows with nothing to see (t < k): any row, dropped later
-        attended = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                                  attn_mask=mask, scale=model.head_dim ** -0.5)
-        logits, hidden = model.finish(x, attended)
-        out.append(logits)
-        state = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)  # row t reads row t - 1's
+        x = model.layer_input(tokens, state)
+        for i, layer in enumerate(model.layers):
+            q, key, value = layer.qkv(x, cos, sin)
+            keys[i].append(key)
+            values[i].append(value)
+            attended = F.scaled_dot_product_attention(q, torch.cat(keys[i], dim=2), torch.cat(values[i], dim=2),
+                                                      attn_mask=mask, scale=model.head_dim ** -0.5)
+            x = layer.finish(x, attended)
+        out.append(model.logits(x))
+        state = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)  # row t reads row t - 1's
     return out

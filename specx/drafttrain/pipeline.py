@@ -78,6 +78,7 @@ class TrainDraftRequest:
     feature_layers: tuple[int, ...] | None = None  # None: EAGLE-3's low / middle / high
     cache_data: bool = True  # keep the distillation set under $SPECX_HOME/train-data for later runs
     draft_bits: int | None = DEFAULT_DRAFT_BITS  # weight-only quantized draft graph (8 or 4 bits); None: float32
+    draft_layers: int = 1  # decoder layers in the draft
 
 
 @dataclass
@@ -112,19 +113,22 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     train_set, held_out = data.split(max(MIN_HELD_OUT, int(len(data.tokens) * HELD_OUT_SHARE)))
     vocab_map = draft_vocabulary(train_set, request.draft_vocab, adapter.spec.vocab_size)
     config = TrainConfig(epochs=request.epochs, seed=request.seed)
-    draft = new_draft(loaded.model, adapter, layers, vocab_map, request.seed)
+    draft = new_draft(loaded.model, adapter, layers, vocab_map, request.seed, request.draft_layers)
     untrained = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
     log = train(draft.to(device), train_set, vocab_map, adapter.spec.vocab_size, config, progress)
     draft.to("cpu")
     reached = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
+    seen = agreement(draft, train_set.head(held_out.num_tokens), vocab_map, adapter.spec.vocab_size, 1)
     training = {
         "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy",
-        "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "seed": request.seed,
+        "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "draft_layers": request.draft_layers,
+        "seed": request.seed,
         "data_tokens": data.num_tokens, "corpus_files": [str(p) for p in request.corpus],
         "train_tokens": train_set.num_tokens, "held_out_tokens": held_out.num_tokens, "epochs": request.epochs,
         "steps": log.steps, "first_loss": log.first_loss, "last_loss": log.last_loss,
         "train_seconds": round(log.seconds, 1), "device": device, "draft_bits": request.draft_bits,
         "held_out_agreement": [round(a, 4) for a in reached],
+        "train_agreement": round(seen[0], 4),  # as much training text, one level: far above held-out = more text
         "untrained_agreement": [round(a, 4) for a in untrained],
     }
     output = _write_bundle(bundle.path, manifest, loaded, adapter, layers, draft, vocab_map, training, held_out,
@@ -173,6 +177,8 @@ def _check_request(request: TrainDraftRequest) -> None:
         raise InvalidArgumentError(f"--tokens must be >= 0, got {request.tokens}")
     if request.draft_vocab < 2:
         raise InvalidArgumentError(f"--draft-vocab must be at least 2, got {request.draft_vocab}")
+    if request.draft_layers < 1:
+        raise InvalidArgumentError(f"--draft-layers must be at least 1, got {request.draft_layers}")
     if request.epochs <= 0:
         raise InvalidArgumentError(f"--epochs must be positive, got {request.epochs}")
     if request.draft_bits is not None and request.draft_bits not in SUPPORTED_BITS:
@@ -232,12 +238,12 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
                          bits: int | None = None) -> ModelEntry:
     """draft.onnx (+ data), its KV-commit helper and the vocabulary map; parity with the torch draft checked (on the
     float32 graph; a weight-quantized one, ``bits`` 8 or 4, is then measured against it, not held to it)."""
-    spec = ArchitectureSpec(model_type="specx-feature-draft", num_layers=1, hidden_size=target_spec.hidden_size,
+    spec = ArchitectureSpec(model_type="specx-feature-draft", num_layers=len(draft.layers), hidden_size=target_spec.hidden_size,
                             num_heads=draft.num_heads, num_kv_heads=draft.num_kv_heads, head_dim=draft.head_dim,
                             vocab_size=int(vocab_map.size), max_positions=target_spec.max_positions,
                             position_encoding="rope", tied_embeddings=False)
     contract = GraphContract.feature_draft(spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.hidden_size,
-                                           target_contract.feature_width, "float32")
+                                           target_contract.feature_width, "float32", spec.num_layers)
     path = staging / DRAFT_GRAPH
     built = unquantized_path(path) if bits else path
     graph = build_feature_draft(spec, draft.to_weights(), contract, DEFAULT_OPSET)
@@ -309,6 +315,7 @@ def _held_out_tau(bundle_dir: Path, held_out: DistillationSet) -> float:
 def training_summary(training: dict) -> str:
     agree = training.get("held_out_agreement") or []
     steps = ", ".join(f"{a:.0%}" for a in agree)
-    return (f"held-out agreement with the target (1..{len(agree)} levels deep): {steps}; "
+    seen = f" (on training text: {training['train_agreement']:.0%})" if "train_agreement" in training else ""
+    return (f"held-out agreement with the target (1..{len(agree)} levels deep): {steps}{seen}; "
             f"tau {training.get('held_out_tau', 0):.2f}; {training.get('train_tokens', 0):,} training tokens")
 

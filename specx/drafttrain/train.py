@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from specx.drafttrain.data import DistillationSet, Progress, no_progress
 from specx.drafttrain.loss import sparse_soft_cross_entropy
-from specx.drafttrain.model import FeatureDraftModel, unrolled_logits
+from specx.drafttrain.model import DraftLayer, FeatureDraftModel, unrolled_logits
 from specx.drafttrain.precision import fast_dtype
 from specx.exporter.adapters import ArchitectureAdapter
 
@@ -51,9 +51,10 @@ def default_feature_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def new_draft(model: PreTrainedModel, adapter: ArchitectureAdapter, feature_layers: tuple[int, ...],
-              vocab_map: np.ndarray, seed: int) -> FeatureDraftModel:
+              vocab_map: np.ndarray, seed: int, num_layers: int = 1) -> FeatureDraftModel:
     """A draft with the target's sizes: embedding frozen from the target, head rows from the target's head, final
-    norm from the target's; the layer starts from the target's last layer where the families match (llama)."""
+    norm from the target's; its ``num_layers`` layers start from the target's last ones where the families match
+    (llama)."""
     torch.manual_seed(seed)
     spec = adapter.spec
     weights = adapter.weights(model)
@@ -61,18 +62,20 @@ def new_draft(model: PreTrainedModel, adapter: ArchitectureAdapter, feature_laye
     cos, sin = _rope_tables(weights, spec.head_dim, spec.max_positions)
     embed = torch.from_numpy(weights.embed)
     draft = FeatureDraftModel(embed, len(feature_layers) * spec.hidden_size, spec.num_heads, spec.num_kv_heads,
-                              spec.head_dim, ffn, int(vocab_map.size), torch.from_numpy(cos), torch.from_numpy(sin))
+                              spec.head_dim, ffn, int(vocab_map.size), torch.from_numpy(cos), torch.from_numpy(sin),
+                              num_layers)
     head = weights.lm_head if weights.lm_head is not None else weights.embed.T  # (hidden, vocab)
     with torch.no_grad():
         draft.head.weight.copy_(torch.from_numpy(np.ascontiguousarray(head[:, vocab_map].T)))
         if adapter.family.norm == "rms":
             draft.norm.weight.copy_(torch.from_numpy(weights.final_norm.weight))
         if adapter.family.mlp == "swiglu" and adapter.family.norm == "rms":
-            _copy_layer(draft, weights.layers[-1], spec)
+            for layer, source in zip(draft.layers, weights.layers[-num_layers:]):
+                _copy_layer(layer, source, spec)
     return draft
 
 
-def _copy_layer(draft: FeatureDraftModel, layer, spec) -> None:
+def _copy_layer(draft: DraftLayer, layer, spec) -> None:
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     qkv = torch.from_numpy(layer.qkv.weight.T.copy())  # (q + 2 kv, hidden)
     draft.q_proj.weight.copy_(qkv[:q_size])

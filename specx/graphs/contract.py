@@ -130,14 +130,14 @@ class GraphContract:
 
     @classmethod
     def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
-                      kv_dtype: str) -> "GraphContract":
+                      kv_dtype: str, num_layers: int = 1) -> "GraphContract":
         _check_kv_dtype(kv_dtype)
         inputs = _token_inputs() + [TensorSpec(FEATURES, "float32", ("batch", "feature_rows", feature_width)),
                                     TensorSpec(HIDDEN, "float32", ("batch", "hidden_rows", hidden_size))]
         outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", draft_vocab)),
                    TensorSpec(HIDDEN_STATES, "float32", ("batch", "seq", hidden_size))]
-        inputs, outputs = _with_cache(inputs, outputs, 1, num_kv_heads, head_dim, kv_dtype)
-        return cls(FEATURE_DRAFT, 1, num_kv_heads, head_dim, draft_vocab, kv_dtype, inputs, outputs, (),
+        inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
+        return cls(FEATURE_DRAFT, num_layers, num_kv_heads, head_dim, draft_vocab, kv_dtype, inputs, outputs, (),
                    feature_width, hidden_size)
 
     @property

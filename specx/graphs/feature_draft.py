@@ -1,4 +1,4 @@
-"""The feature draft's graph: one decoder layer that reads the target's features (EAGLE-3 style), built from the
+"""The feature draft's graph: a decoder layer (or a few) that reads the target's features (EAGLE-3 style), built from the
 trained weights with the target decoder's own blocks (``specx.graphs.decoder``)::
 
     features (batch, feature_rows, F) -Reshape(.., chunks, hidden)-RMSNorm-Reshape-MatMul(fuse)-> (.., hidden)
@@ -8,8 +8,9 @@ trained weights with the target decoder's own blocks (``specx.graphs.decoder``):
 
 (each layer's features are normalised on their own: their scales differ by orders of magnitude; the per-chunk
 gains are folded into the fuse matrix)
-    x -> RMSNorm -> attention (GroupQueryAttention over the draft's one-layer cache, tree bias) -> SkipNorm(+x)
-      -> SwiGLU MLP -> SkipNorm(+residual, final norm) -> normed, sum
+    x -> RMSNorm -> attention (GroupQueryAttention over the draft's own cache, tree bias) -> SkipNorm(+x)
+      -> SwiGLU MLP -> SkipNorm(+residual, next layer's norm) -> ... (one layer by default, --draft-layers)
+      -> the last layer's SkipNorm(+residual, final norm) -> normed, sum
     sum    -> hidden_states (batch, seq, hidden)         what the next tree level reads as ``hidden``
     normed -> MatMul(head) -> logits (batch, seq, draft_vocab)
 
@@ -42,7 +43,7 @@ class FeatureDraftWeights:
     embed_norm: Norm  # RMSNorm of the token embedding, and of the state, before they meet
     state_norm: Norm
     feature_chunks: int  # target layers in the features (each RMS-normalised, gains folded into fuse)
-    layer: LayerWeights
+    layers: tuple[LayerWeights, ...]  # one by default (--draft-layers)
     final_norm: Norm
     head: np.ndarray  # (hidden, draft_vocab)
     rope_cos: np.ndarray  # (max_positions, head_dim / 2)
@@ -55,7 +56,7 @@ def draft_family(eps: float = DRAFT_NORM_EPS) -> DecoderFamily:
 
 def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, contract: GraphContract,
                         opset: int, eps: float = DRAFT_NORM_EPS) -> onnx.ModelProto:
-    """``arch``: the draft layer's sizes (one layer, rope)."""
+    """``arch``: the draft layers' sizes (rope)."""
     family = draft_family(eps)
     b = GraphBuilder("specx_feature_draft", "float32")
     attention = _attention_inputs(b, "float32")
@@ -74,12 +75,18 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     embed = _rms(b, "/draft/embed_norm", embed, weights.embed_norm.weight, eps)
     joined = b.op1("Concat", [embed, state], "/draft/input/Concat", axis=-1)  # (batch, seq, 2 * hidden)
     x0 = _linear(b, "/draft/fc", weights.fc, joined)
-    x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layer.attn_norm, x0)
-    a = _attention(b, 0, arch, weights, weights.layer, attention, x)  # type: ignore[arg-type]  (rope tables)
-    x, residual = _skip_norm(b, "/model/layers.0/post_attention_layernorm", family, weights.layer.mlp_norm, a,
-                             residual, weights.layer.o.bias)
-    h = _mlp(b, "/model/layers.0/mlp", family, weights.layer, x)
-    normed, out = _skip_norm(b, "/model/norm", family, weights.final_norm, h, residual, weights.layer.down.bias)
+    layers = weights.layers
+    x, residual = _norm(b, "/model/layers.0/input_layernorm", family, layers[0].attn_norm, x0)
+    for i, layer in enumerate(layers):
+        a = _attention(b, i, arch, weights, layer, attention, x)  # type: ignore[arg-type]  (rope tables)
+        x, residual = _skip_norm(b, f"/model/layers.{i}/post_attention_layernorm", family, layer.mlp_norm, a,
+                                 residual, layer.o.bias)
+        h = _mlp(b, f"/model/layers.{i}/mlp", family, layer, x)
+        last = i + 1 == len(layers)
+        x, residual = _skip_norm(b, "/model/norm" if last else f"/model/layers.{i + 1}/input_layernorm", family,
+                                 weights.final_norm if last else layers[i + 1].attn_norm, h, residual,
+                                 layer.down.bias)
+    normed, out = x, residual
     b.rename_output(out, HIDDEN_STATES)
     logits = b.op1("MatMul", [normed, b.weight("lm_head.weight", weights.head)], "/lm_head/MatMul")
     b.rename_output(logits, LOGITS)
