@@ -85,7 +85,7 @@ def export(
 @app.command("train-draft")
 def train_draft_command(
     model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME."),
-    tokens: int = typer.Option(600_000, help="Tokens of training text the target writes itself (SmolLM2-135M on a "
+    tokens: int = typer.Option(700_000, help="Tokens of training text the target writes itself (SmolLM2-135M on a "
                                              "2-core CPU with AMX: within the hour in all; a GPU writes far more)."),
     corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to train on as well (teacher-forced)."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the target's most used tokens."),
