@@ -238,7 +238,8 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
                          bits: int | None = None) -> ModelEntry:
     """draft.onnx (+ data), its KV-commit helper and the vocabulary map; parity with the torch draft checked (on the
     float32 graph; a weight-quantized one, ``bits`` 8 or 4, is then measured against it, not held to it)."""
-    spec = ArchitectureSpec(model_type="specx-feature-draft", num_layers=len(draft.layers), hidden_size=target_spec.hidden_size,
+    spec = ArchitectureSpec(model_type="specx-feature-draft", num_layers=len(draft.layers),
+                            hidden_size=target_spec.hidden_size,
                             num_heads=draft.num_heads, num_kv_heads=draft.num_kv_heads, head_dim=draft.head_dim,
                             vocab_size=int(vocab_map.size), max_positions=target_spec.max_positions,
                             position_encoding="rope", tied_embeddings=False)

@@ -75,18 +75,18 @@ def new_draft(model: PreTrainedModel, adapter: ArchitectureAdapter, feature_laye
     return draft
 
 
-def _copy_layer(draft: DraftLayer, layer, spec) -> None:
+def _copy_layer(into: DraftLayer, layer, spec) -> None:
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     qkv = torch.from_numpy(layer.qkv.weight.T.copy())  # (q + 2 kv, hidden)
-    draft.q_proj.weight.copy_(qkv[:q_size])
-    draft.k_proj.weight.copy_(qkv[q_size:q_size + kv_size])
-    draft.v_proj.weight.copy_(qkv[q_size + kv_size:])
-    draft.o_proj.weight.copy_(torch.from_numpy(layer.o.weight.T.copy()))
-    draft.gate_proj.weight.copy_(torch.from_numpy(layer.gate.weight.T.copy()))
-    draft.up_proj.weight.copy_(torch.from_numpy(layer.up.weight.T.copy()))
-    draft.down_proj.weight.copy_(torch.from_numpy(layer.down.weight.T.copy()))
-    draft.attn_norm.weight.copy_(torch.from_numpy(layer.attn_norm.weight))
-    draft.mlp_norm.weight.copy_(torch.from_numpy(layer.mlp_norm.weight))
+    into.q_proj.weight.copy_(qkv[:q_size])
+    into.k_proj.weight.copy_(qkv[q_size:q_size + kv_size])
+    into.v_proj.weight.copy_(qkv[q_size + kv_size:])
+    into.o_proj.weight.copy_(torch.from_numpy(layer.o.weight.T.copy()))
+    into.gate_proj.weight.copy_(torch.from_numpy(layer.gate.weight.T.copy()))
+    into.up_proj.weight.copy_(torch.from_numpy(layer.up.weight.T.copy()))
+    into.down_proj.weight.copy_(torch.from_numpy(layer.down.weight.T.copy()))
+    into.attn_norm.weight.copy_(torch.from_numpy(layer.attn_norm.weight))
+    into.mlp_norm.weight.copy_(torch.from_numpy(layer.mlp_norm.weight))
 
 
 def _rope_tables(weights, head_dim: int, positions: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +175,7 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
     log = TrainLog()
     device = next(draft.parameters()).device.type
     mixed = fast_dtype(device) == torch.bfloat16 if config.mixed_precision is None else config.mixed_precision
-    passes = sum(t.size for t in data.tokens) * config.epochs
+    passes = data.num_tokens * config.epochs
     compiled = passes >= COMPILE_MIN_TOKEN_PASSES if config.compile is None else config.compile
     loss_of = torch.compile(unroll_loss, dynamic=False) if compiled and _can_compile(device) else unroll_loss
     width = max(t.size for t in data.tokens)  # one batch shape for the whole run

@@ -1,5 +1,5 @@
-"""The feature draft's graph: a decoder layer (or a few) that reads the target's features (EAGLE-3 style), built from the
-trained weights with the target decoder's own blocks (``specx.graphs.decoder``)::
+"""The feature draft's graph: a decoder layer (or a few) that reads the target's features (EAGLE-3 style), built
+from the trained weights with the target decoder's own blocks (``specx.graphs.decoder``)::
 
     features (batch, feature_rows, F) -Reshape(.., chunks, hidden)-RMSNorm-Reshape-MatMul(fuse)-> (.., hidden)
     hidden   (batch, hidden_rows, hidden) -------------------------------------------  the draft's own states
