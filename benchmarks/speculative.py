@@ -13,6 +13,7 @@ A shape BxD is a tree of B draft tokens and depth D (B == D is a chain: classic 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from dataclasses import asdict
@@ -31,6 +32,8 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--modes", default="speculative")
     p.add_argument("--shapes", default="5x5", help="BxD tree budget x depth, comma-separated")
     p.add_argument("--thresholds", default="", help="adaptive-depth thresholds (default: the runtime's)")
+    p.add_argument("--draft-choices", default="auto",
+                   help="when sampling: 'sample' (children drawn from the draft), 'top' (its top tokens), comma-separated")
     p.add_argument("--prompts", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--temperatures", default="0,1")
@@ -55,14 +58,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
         manifest = gen.bundle.manifest
         for shape in args.shapes.split(","):
             budget, depth = (int(x) for x in shape.lower().split("x"))
-            for threshold in thresholds:
-                tree = {"tree_budget": budget, "tree_depth": depth}
+            for threshold, choice in itertools.product(thresholds, args.draft_choices.split(",")):
+                tree = {"tree_budget": budget, "tree_depth": depth, "draft_choice": choice}
                 if threshold is not None:
                     tree["tree_threshold"] = threshold
                 rows = bench.run_bench(gen, prompts, args.modes.split(","), temperatures, args.new_tokens, tree=tree)
                 summary = bench.summarise(rows)
                 print(f"\n{path.name} (draft: {manifest.draft.source if manifest.draft else 'none'})  tree {shape}  "
-                      f"threshold {threshold if threshold is not None else 'default'}", flush=True)
+                      f"threshold {threshold if threshold is not None else 'default'}  draft choice {choice}", flush=True)
                 print(bench.format_table(summary), flush=True)
                 for s in summary:
                     if s["mode"] != "autoregressive":

@@ -26,6 +26,12 @@ class Mode(str, Enum):
     ngram = "ngram"
 
 
+class DraftChoice(str, Enum):
+    auto = "auto"
+    sample = "sample"
+    top = "top"
+
+
 class Provider(str, Enum):
     auto = "auto"
     cuda = "cuda"
@@ -184,6 +190,9 @@ def run(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
     chat: bool = typer.Option(False, "--chat", help="Format the prompt as a user message with the bundle's chat "
                                                     "template (instruct models)."),
+    draft_choice: DraftChoice = typer.Option(DraftChoice.auto, help="Sampling with a draft model: 'sample' draws "
+                                             "its proposals from its distribution (faster; auto), 'top' takes its "
+                                             "top tokens (a seed then gives plain decoding's exact tokens)."),
     compare: bool = typer.Option(False, "--compare", help="Then decode the same prompt plainly (autoregressive) and "
                                                           "print the speed-up the mode gave on this machine."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
@@ -198,7 +207,7 @@ def run(
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
                                   tree_budget=tree_budget, tree_depth=tree_depth, tree_threshold=tree_threshold,
-                                  chat=chat)
+                                  chat=chat, draft_choice=draft_choice.value)
         for piece in stream:
             if not as_json:
                 sys.stdout.write(piece)

@@ -49,7 +49,8 @@ def exact_first_two(gen: Generator, prompt_ids: list[int], sampling: SamplingCon
     return p1, p2
 
 
-def assert_first_two_tokens_follow_the_model(gen: Generator, mode: str, seed_base: int, **kwargs: float) -> None:
+def assert_first_two_tokens_follow_the_model(gen: Generator, mode: str, seed_base: int, draft_choice: str = "auto",
+                                             **kwargs: float) -> None:
     """Monte Carlo over seeds: the first two tokens of ``mode`` follow the exact distribution of plain sampling,
     within a total-variation bound derived from the sample size."""
     prompt = gen.bundle.tokenizer.encode("one two").ids
@@ -57,7 +58,7 @@ def assert_first_two_tokens_follow_the_model(gen: Generator, mode: str, seed_bas
     firsts, seconds = np.zeros_like(p1), np.zeros_like(p2)
     for seed in range(SAMPLES):
         tokens = gen.generate(prompt, max_new_tokens=2, ignore_eos=True, mode=mode, tree_budget=6, tree_depth=3,
-                              seed=seed_base + seed, **kwargs).tokens
+                              seed=seed_base + seed, draft_choice=draft_choice, **kwargs).tokens
         firsts[tokens[0]] += 1
         seconds[tokens[1]] += 1
     for exact, counts in ((p1, firsts), (p2, seconds)):

@@ -371,7 +371,8 @@ def test_train_draft_command(predictable_dir: Path, tmp_path: Path):
     assert bad.exit_code == 1 and "--draft-dtype" in bad.output
 
 
-def test_auto_samples_plainly_with_a_trained_draft_and_speculates_greedily(feature_bundle: Path):
+def test_auto_speculates_with_a_trained_draft_drawing_when_sampling(feature_bundle: Path):
     gen = Generator.load(feature_bundle, provider="cpu")
-    assert gen.generate("def f1", max_new_tokens=4, temperature=1.0, seed=0).stats.mode == "autoregressive"
+    sampled = gen.generate("def f1", max_new_tokens=4, temperature=1.0, seed=0).stats
+    assert (sampled.mode, sampled.draft_choice) == ("speculative", "sample")
     assert gen.generate("def f1", max_new_tokens=4).stats.mode == "staged"

@@ -10,7 +10,7 @@ import pytest
 
 from specx.errors import InvalidArgumentError
 from specx.runtime import Generator
-from specx.runtime.generator import GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD
+from specx.runtime.generator import DRAWN_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD
 from specx.runtime.decoding import feed
 from specx.runtime.drafting import TokenDraft, TreeShape, grow_tree
 from tests.helpers import assert_first_two_tokens_follow_the_model
@@ -109,25 +109,35 @@ def test_auto_mode_follows_what_was_measured(generators):
 def test_default_threshold_depends_on_sampling(generators):
     gen = generators["gpt2_bundle"]
     assert gen.generate("one", max_new_tokens=3).stats.tree_threshold == GREEDY_TREE_THRESHOLD
-    assert gen.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.tree_threshold == SAMPLING_TREE_THRESHOLD
+    assert gen.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.tree_threshold == DRAWN_TREE_THRESHOLD
+    top = gen.generate("one", max_new_tokens=3, temperature=1.0, seed=0, draft_choice="top").stats
+    assert top.tree_threshold == SAMPLING_TREE_THRESHOLD
     with pytest.raises(InvalidArgumentError, match="threshold"):
         gen.generate("one", max_new_tokens=3, tree_threshold=1.5)
 
 
-def test_sampling_same_seed_same_tokens(generators):
+def test_sampling_same_seed_same_tokens_with_top_children(generators):
+    """Rule A draws exactly what plain decoding draws; drawn children (the default) spend draws of their own."""
     gen = generators["gpt2_bundle"]
     for kwargs in (dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.8)):
         ar = gen.generate("one two", max_new_tokens=30, ignore_eos=True, mode="autoregressive", seed=9, **kwargs)
-        sp = gen.generate("one two", max_new_tokens=30, ignore_eos=True, mode="speculative", seed=9, **kwargs)
-        assert sp.tokens == ar.tokens
+        sp = gen.generate("one two", max_new_tokens=30, ignore_eos=True, mode="speculative", seed=9,
+                          draft_choice="top", **kwargs)
+        assert sp.tokens == ar.tokens and sp.stats.draft_choice == "top"
+        drawn = gen.generate("one two", max_new_tokens=30, ignore_eos=True, mode="speculative", seed=9, **kwargs)
+        assert drawn.stats.draft_choice == "sample" and drawn.tokens != ar.tokens
+    with pytest.raises(InvalidArgumentError, match="draft choice"):
+        gen.generate("one", max_new_tokens=3, temperature=1.0, draft_choice="best")
 
 
 SAMPLING_CASES = [dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(temperature=1.0, top_p=0.7)]
 
 
+@pytest.mark.parametrize("choice", ["sample", "top"])
 @pytest.mark.parametrize("kwargs", SAMPLING_CASES)
-def test_sampling_matches_the_model_distribution(generators, kwargs):
-    assert_first_two_tokens_follow_the_model(generators["gpt2_bundle"], "speculative", 10_000, **kwargs)
+def test_sampling_matches_the_model_distribution(generators, kwargs, choice):
+    assert_first_two_tokens_follow_the_model(generators["gpt2_bundle"], "speculative", 10_000, draft_choice=choice,
+                                             **kwargs)
 
 
 def test_cache_after_speculation_equals_plain_decoding(generators):

@@ -12,7 +12,7 @@ import numpy as np
 
 from specx.runtime.acceptance import Acceptance, accept
 from specx.graphs.contract import FEATURES
-from specx.runtime.drafting import DraftModel, DraftTree, StageTwoLog, TreeShape, grow_tree
+from specx.runtime.drafting import DraftModel, DraftSampler, DraftTree, StageTwoLog, TreeShape, grow_tree
 from specx.runtime.feature_draft import FeatureDraft, FeatureLog
 from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig, choose_token
@@ -81,12 +81,13 @@ class ModelDrafter:
         """Keep the draft's cached rows that the prompt starts with (the root itself is always fed)."""
         self.session.reuse(committed[:-1])
 
-    def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
-        """Grow the tree from the last committed token; the draft first catches up on tokens it has not seen."""
+    def draft(self, committed: list[int], shape: TreeShape, sampler: DraftSampler | None = None) -> DraftTree:
+        """Grow the tree from the last committed token; the draft first catches up on tokens it has not seen.
+        With a ``sampler`` the children are drawn from the draft (stage 2 then proposes nothing)."""
         pending = np.asarray(committed[self.session.past_len:], dtype=np.int64)
         self.log.planned_draft_calls += shape.depth
-        if self.ngram is None:
-            return grow_tree(self.model, pending, shape)
+        if self.ngram is None or sampler is not None:
+            return grow_tree(self.model, pending, shape, sampler=sampler)
         self.ngram.update(committed)
         return grow_tree(self.model, pending, shape, self.ngram.propose, committed, self.log.stage_two)
 
@@ -110,10 +111,10 @@ class FeatureDrafter(ModelDrafter):
         self.features.clear()
         self.features.record(first_position, target.outputs[FEATURES][0])  # (rows, F)
 
-    def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
+    def draft(self, committed: list[int], shape: TreeShape, sampler: DraftSampler | None = None) -> DraftTree:
         first = self.session.past_len  # pending tokens at [first, len): each reads the features of the one before
         self.model.pending_features = self.features.take(range(first - 1, len(committed) - 1))
-        return super().draft(committed, shape)
+        return super().draft(committed, shape, sampler)
 
     def commit(self, target: DecoderSession, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
         """Log the target's features of the root and the accepted nodes; drop the draft's tree rows (the accepted
@@ -134,7 +135,8 @@ class NgramDrafter:
     def start(self, committed: list[int]) -> None:
         """No model cache to prepare."""
 
-    def draft(self, committed: list[int], shape: TreeShape) -> DraftTree:
+    def draft(self, committed: list[int], shape: TreeShape, sampler: DraftSampler | None = None) -> DraftTree:
+        """An n-gram chain: deterministic proposals whatever the sampler (rule A)."""
         self.ngram.update(committed)
         proposal = self.ngram.propose(committed, shape.depth)
         self.log.stage_two.proposed += len(proposal)
@@ -152,8 +154,11 @@ Drafter = ModelDrafter | NgramDrafter
 
 
 def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest, shape: TreeShape,
-                rng: np.random.Generator, log: StepLog) -> Iterator[int]:
+                rng: np.random.Generator, log: StepLog, draw_children: bool = False) -> Iterator[int]:
     """Tree speculative decoding: draft a tree, verify it in one target pass, accept, commit.
+
+    ``draw_children`` (sampling only): the draft's children are draws from its distribution, accepted by rule B;
+    otherwise its top tokens, accepted by rule A (``specx.runtime.acceptance``).
 
     Invariant between steps: the target's cache holds the committed tokens except the last one (the root of the
     next tree); the draft's may lag behind by a few tokens, which it catches up on in its first call of a step.
@@ -164,13 +169,14 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
         feed(target, np.asarray(committed[cached:-1], dtype=np.int64))
         drafter.prefilled(target, cached)
     drafter.start(committed)
+    sampler = DraftSampler(request.sampling, rng) if draw_children and not request.sampling.greedy else None
     produced = 0
     while True:
         remaining = request.max_new_tokens - produced
         room = request.max_positions - len(committed)  # positions left after the root's
-        drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room)))
+        drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room)), sampler)
         logits = verify(target, drafted)
-        result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng)
+        result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng, drafted.sampled)
         target.commit([0, *result.path])  # root + accepted nodes, in path order
         drafter.commit(target, drafted, result, len(committed))
         log.accepted.append(len(result.path))

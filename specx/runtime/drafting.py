@@ -19,6 +19,13 @@ draft's choices enter the tree; the target's acceptance is unchanged, hence loss
 The draft's cache holds the committed tokens, then everything the draft ran this step (processed nodes and rejected
 chain tokens); ``DraftTree.slots`` says where the kept nodes are, so the accepted path can be kept after acceptance.
 
+Sampled children (speculative sampling, when decoding samples): instead of its top tokens, a processed node's
+children are ``width`` independent draws from the draft's distribution q, processed like the target's (temperature,
+top-k, top-p); the node keeps q and its draws in order (``SampledChildren``), which acceptance needs (rule B,
+``specx.runtime.acceptance``). Which draws a node keeps must not depend on what was drawn, so nothing sampled is
+pruned: the frontier shrinks instead, to what the budget still holds; and stage 2 is skipped (its chains are
+deterministic proposals).
+
 Two kinds of draft grow trees the same way (``DraftModel``): a decoder over the target's vocabulary (a separate
 model, or one derived from the target: ``TokenDraft``), and a trained feature draft (``specx.runtime.feature_draft``)
 whose rows also read a state: the target's features in the first call, the parent node's hidden state below.
@@ -32,7 +39,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from specx.errors import InvalidArgumentError
-from specx.runtime.sampling import softmax
+from specx.runtime.sampling import SamplingConfig, sample, softmax, target_distribution
 from specx.runtime.session import DecoderSession
 from specx.runtime.tree import Tree, build_tree, chain
 
@@ -65,10 +72,38 @@ class TreeShape:
 
 
 @dataclass(frozen=True)
+class DraftSampler:
+    """Draw children from the draft's distribution (speculative sampling) rather than take its top tokens."""
+
+    config: SamplingConfig  # the decode's: the draft's logits are processed as the target's are
+    rng: np.random.Generator
+
+
+@dataclass(frozen=True)
+class SampledChildren:
+    """A node whose children the draft drew: its distribution and its draws in draw order."""
+
+    q: np.ndarray  # (draft vocabulary,) float64
+    draws: tuple[int, ...]  # the child node of each draw (a token drawn twice names the same child)
+    vocab_map: np.ndarray | None = None  # draft vocabulary id -> target token id; None: the same vocabulary
+
+    def on_target_vocab(self, size: int) -> np.ndarray:
+        """q over the target's vocabulary, shape (size,): zero where the draft cannot propose."""
+        full = np.zeros(size, dtype=np.float64)
+        if self.vocab_map is None:
+            n = min(size, self.q.size)
+            full[:n] = self.q[:n]
+        else:
+            full[self.vocab_map] = self.q
+        return full
+
+
+@dataclass(frozen=True)
 class DraftTree:
     tokens: np.ndarray  # (n,) int64, node 0 = root
     tree: Tree
     slots: dict[int, int]  # node -> absolute position in the draft cache, for nodes the draft processed
+    sampled: dict[int, SampledChildren] = field(default_factory=dict)  # nodes whose children were drawn
 
 
 @dataclass(frozen=True)
@@ -126,6 +161,8 @@ class _Growth:
     slots: dict[int, int] = field(default_factory=dict)  # processed node -> draft cache position
     children: dict[int, dict[int, int]] = field(default_factory=dict)  # processed node -> {token: child}
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # processed node -> its hidden state (feature drafts)
+    sampler: DraftSampler | None = None  # children drawn from the draft (None: its top tokens)
+    drawn: dict[int, tuple[np.ndarray, list[int]]] = field(default_factory=dict)  # node -> (q, child per draw)
 
     def add(self, token: int, parent: int, value: float) -> int:
         self.tokens.append(token)
@@ -143,10 +180,29 @@ class _Growth:
             self.hidden[node] = out.hidden[row]
         if self.depths[node] >= self.shape.depth:
             return
+        if self.sampler is not None:
+            self._draw_children(node, out.logits[row])
+            return
         probs = softmax(out.logits[row].astype(np.float64))
         for index in _top(probs, self.shape.width):
-            token = int(index) if self.vocab_map is None else int(self.vocab_map[index])
-            self.children[node][token] = self.add(token, node, self.values[node] * float(probs[index]))
+            self._child(node, int(index), float(probs[index]))
+
+    def _draw_children(self, node: int, logits: np.ndarray) -> None:
+        """``width`` independent draws from the draft's processed distribution q; each distinct token one child."""
+        q = target_distribution(logits, self.sampler.config)  # (draft vocabulary,) float64
+        draws = []
+        for _ in range(self.shape.width):
+            index = sample(q, self.sampler.rng)
+            draws.append(self._child(node, index, float(q[index])))
+        self.drawn[node] = (q, draws)
+
+    def _child(self, node: int, index: int, prob: float) -> int:
+        """The child of ``node`` for draft id ``index`` (created on first sight)."""
+        token = index if self.vocab_map is None else int(self.vocab_map[index])
+        child = self.children[node].get(token)
+        if child is None:
+            child = self.children[node][token] = self.add(token, node, self.values[node] * prob)
+        return child
 
     def parent_state(self, node: int) -> np.ndarray | None:
         return self.hidden.get(self.parents[node])
@@ -168,7 +224,10 @@ class _Growth:
 
     def frontier(self) -> list[int]:
         open_nodes = [n for n in range(1, len(self.tokens)) if n not in self.slots and self.depths[n] < self.shape.depth]
-        return sorted(open_nodes, key=lambda n: (-self.values[n], n))[: self.shape.width]
+        count = self.shape.width
+        if self.sampler is not None:  # drawn children are never pruned: expand only what the budget holds
+            count = min(count, (self.shape.budget - (len(self.tokens) - 1)) // self.shape.width)
+        return sorted(open_nodes, key=lambda n: (-self.values[n], n))[: max(count, 0)]
 
 
 def _top(probs: np.ndarray, k: int) -> np.ndarray:
@@ -179,18 +238,22 @@ def _top(probs: np.ndarray, k: int) -> np.ndarray:
 
 
 def grow_tree(model: DraftModel, pending: np.ndarray, shape: TreeShape, proposer: Proposer | None = None,
-              context: Sequence[int] = (), stage_two: StageTwoLog | None = None) -> DraftTree:
+              context: Sequence[int] = (), stage_two: StageTwoLog | None = None,
+              sampler: DraftSampler | None = None) -> DraftTree:
     """Build the step's token tree.
 
     ``pending`` = committed tokens the draft has not seen yet, ending with the root; ``context`` = all committed
     tokens (what the proposer conditions on). With a ``proposer``, the draft checks proposed chains (stage 2).
+    With a ``sampler``, children are drawn from the draft (and stage 2 is skipped).
     """
+    if sampler is not None:
+        proposer = None
     draft = model.session
     root_pos = draft.past_len + pending.size - 1
     run = chain(pending.size)
     out = model.first(pending[None], run.positions(draft.past_len), run.attention_mask(draft.past_len))
     draft.commit()
-    growth = _Growth(shape, root_pos, committed=draft.past_len, vocab_map=model.vocab_map)
+    growth = _Growth(shape, root_pos, committed=draft.past_len, vocab_map=model.vocab_map, sampler=sampler)
     growth.add(int(pending[-1]), -1, 1.0)
     growth.process(0, root_pos, out, pending.size - 1)
     for _ in range(1, shape.depth):
@@ -263,8 +326,12 @@ def _draft_call(model: DraftModel, growth: _Growth, frontier: list[int], chains:
 def _select(growth: _Growth) -> DraftTree:
     n = len(growth.tokens)
     keep = sorted(sorted(range(1, n), key=lambda i: (-growth.values[i], i))[: growth.shape.budget])
+    if growth.sampler is not None and len(keep) != n - 1:
+        raise RuntimeError("drawn children must never be pruned")  # frontier() keeps the tree within the budget
     order = [0] + keep  # creation order: parents before children
     index = {old: new for new, old in enumerate(order)}
     tree = build_tree([-1] + [index[growth.parents[i]] for i in keep])
     slots = {index[i]: pos for i, pos in growth.slots.items() if i in index}
-    return DraftTree(np.asarray([growth.tokens[i] for i in order], dtype=np.int64), tree, slots)
+    sampled = {index[node]: SampledChildren(q, tuple(index[c] for c in draws), growth.vocab_map)
+               for node, (q, draws) in growth.drawn.items()}
+    return DraftTree(np.asarray([growth.tokens[i] for i in order], dtype=np.int64), tree, slots, sampled)

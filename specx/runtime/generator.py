@@ -31,6 +31,11 @@ from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, check_graph, default_session_options, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
+# How a draft model proposes when decoding samples: "sample" draws children from its distribution (rule B, the
+# speculative sampling of Leviathan et al. / SpecInfer), "top" takes its top tokens (rule A: with a seed, the same
+# tokens as plain decoding). Greedy decoding always takes the top tokens. "auto" = "sample": it measured faster
+# (docs/benchmarks.md).
+DRAFT_CHOICES = ("auto", "top", "sample")
 # Default tree: a 5-token chain with adaptive depth, measured on SmolLM2-135M with a self:int8 draft on a 2-core CPU
 # (docs/benchmarks.md): a fixed 5-chain gave greedy 1.25x and T=1 0.43x; an 8-chain with the same thresholds gave
 # 1.25x and 0.78x but lost in staged (1.10x vs 1.19x) and ngram mode (0.81x vs 0.93x), whose chains do not stop early.
@@ -40,7 +45,8 @@ DEFAULT_TREE_BUDGET = 5
 DEFAULT_TREE_DEPTH = 5
 TREE_ROWS_SLACK = 64  # rows a reservation adds for the tree passes beyond the tokens themselves
 GREEDY_TREE_THRESHOLD = 0.1
-SAMPLING_TREE_THRESHOLD = 0.5
+SAMPLING_TREE_THRESHOLD = 0.5  # top children (rule A)
+DRAWN_TREE_THRESHOLD = 0.1  # drawn children (rule B): a trained draft measured 0.05-0.1 best (docs/benchmarks.md)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class GenerationStats:
     draft2_accepted: int = 0  # of those, tokens the draft (staged) or the target (ngram mode) kept
     draft_calls_saved: int = 0  # draft calls below depth-per-step: saved by stage-2 chains and adaptive depth
     draft2_seconds: float = 0.0  # time spent in n-gram proposals
+    draft_choice: str = ""  # "sample" (children drawn from the draft) or "top" (its top tokens); "" without a draft
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,11 +150,11 @@ class Generator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False, tree_budget: int | None = None,
                  tree_depth: int | None = None, tree_threshold: float | None = None,
-                 chat: bool = False, reuse_cache: bool = False) -> GenerationResult:
+                 chat: bool = False, reuse_cache: bool = False, draft_choice: str = "auto") -> GenerationResult:
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
                              tree_depth=tree_depth, tree_threshold=tree_threshold, chat=chat,
-                             reuse_cache=reuse_cache)
+                             reuse_cache=reuse_cache, draft_choice=draft_choice)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
@@ -157,13 +164,16 @@ class Generator:
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                ignore_eos: bool = False, tree_budget: int | None = None,
                tree_depth: int | None = None, tree_threshold: float | None = None, chat: bool = False,
-               reuse_cache: bool = False) -> TextStream:
+               reuse_cache: bool = False, draft_choice: str = "auto") -> TextStream:
         """Validate everything up front, then return a stream of text pieces (nothing runs until iterated).
 
         ``chat=True`` (or a list of {"role", "content"} messages as the prompt) formats the prompt with the bundle's
         chat template, as transformers' apply_chat_template(add_generation_prompt=True) does. ``reuse_cache=True``
         keeps the cached rows of the previous generation that the new prompt starts with (a conversation's earlier
-        turns) instead of computing them again."""
+        turns) instead of computing them again. ``draft_choice`` (sampling with a draft model, DRAFT_CHOICES):
+        children drawn from the draft ("sample") or its top tokens ("top")."""
+        if draft_choice not in DRAFT_CHOICES:
+            raise InvalidArgumentError(f"unknown draft choice {draft_choice!r}; use one of {', '.join(DRAFT_CHOICES)}")
         tuned = self.tuned(sampling=temperature > 0)
         if mode == "auto" and tuned.get("mode"):
             mode = tuned["mode"]
@@ -175,11 +185,13 @@ class Generator:
         if chat or (not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping)):
             prompt = self.chat_prompt_ids(prompt)
         request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
+        draw = draft_choice != "top" and temperature > 0 and mode in ("speculative", "staged")
         if tree_threshold is None:
-            tree_threshold = GREEDY_TREE_THRESHOLD if temperature == 0 else SAMPLING_TREE_THRESHOLD
+            tree_threshold = (GREEDY_TREE_THRESHOLD if temperature == 0 else
+                              DRAWN_TREE_THRESHOLD if draw else SAMPLING_TREE_THRESHOLD)
         shape = tree_shape(tree_budget, tree_depth, tree_threshold)
         stream = TextStream(iter(()))
-        stream._pieces = self._run(mode, request, shape, stream, reuse_cache)
+        stream._pieces = self._run(mode, request, shape, stream, reuse_cache, draw)
         return stream
 
     def tuned(self, sampling: bool) -> dict:
@@ -216,9 +228,12 @@ class Generator:
             # every mode measured slower than plain decoding with a draft derived from the target or none
             # (0.78-0.97x, docs/benchmarks.md), so auto samples plainly there; a separate draft model is still used.
             # A trained feature draft measured 0.93x when sampling (42% agreement, docs/benchmarks.md): the same rule.
+            # A trained feature draft with drawn children (rule B) measured 1.3x when sampling (docs/benchmarks.md):
+            # auto speculates with it; stage 2 proposes nothing then, so plain speculative.
             draft = self.bundle.manifest.draft
-            from_target = draft is not None and (draft.derived_from is not None or draft.is_feature_draft)
-            if sampling and (self.draft is None or from_target):
+            if sampling and self.draft is not None and draft is not None and draft.is_feature_draft:
+                return "speculative"
+            if sampling and (self.draft is None or (draft is not None and draft.derived_from is not None)):
                 return "autoregressive"
             return "staged" if self.draft is not None else "ngram"
         if mode in ("speculative", "staged") and self.draft is None:
@@ -253,7 +268,7 @@ class Generator:
         return DecodeRequest(ids, max_new_tokens, sampling, stop, self.max_positions)
 
     def _run(self, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream,
-             reuse_cache: bool = False) -> Iterator[str]:
+             reuse_cache: bool = False, draw_children: bool = False) -> Iterator[str]:
         rng = np.random.default_rng(request.sampling.seed)
         sessions = [s for s in (self.target, self.draft) if s is not None]
         for session in sessions:
@@ -270,7 +285,7 @@ class Generator:
             tokens_iter = speculative(self.target, NgramDrafter(session_ngram, log), request, shape, rng, log)
         else:
             drafter = self._drafter(session_ngram, log)
-            tokens_iter = speculative(self.target, drafter, request, shape, rng, log)
+            tokens_iter = speculative(self.target, drafter, request, shape, rng, log, draw_children)
         decoder = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []
         start = time.perf_counter()
@@ -286,6 +301,7 @@ class Generator:
         stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape,
                             session_ngram.seconds if session_ngram else 0.0)
         stats.reused_prompt_tokens = reused
+        stats.draft_choice = "sample" if draw_children else ("top" if mode in ("speculative", "staged") else "")
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
 
