@@ -56,10 +56,25 @@ def test_run_json(gpt2_bundle):
 def test_run_streams_text_and_summary(gpt2_bundle):
     result = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
                   "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
-    assert "tokens/s" in result.stderr and "mode staged" in result.stderr and "provider cpu" in result.stderr
+    assert "tokens/s" in result.stderr and "mode speculative" in result.stderr and "provider cpu" in result.stderr
     again = _ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "10",
                  "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "4"])
     assert result.stdout == again.stdout
+
+
+def test_run_draft_choice(gpt2_bundle):
+    """--draft-choice top samples exactly plain decoding's tokens for a seed; sample (the default) draws its own."""
+    def tokens(*extra):
+        out = json.loads(_ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "16",
+                              "--ignore-eos", "--temperature", "1", "--seed", "5", "--json", *extra]).stdout)
+        return out["tokens"], out["stats"]["draft_choice"]
+
+    plain, _ = tokens("--mode", "autoregressive")
+    assert tokens("--mode", "speculative", "--draft-choice", "top") == (plain, "top")
+    drawn, choice = tokens("--mode", "speculative")
+    assert choice == "sample" and drawn != plain
+    bad = runner.invoke(app, ["run", "--model", str(gpt2_bundle), "--prompt", "x", "--draft-choice", "best"])
+    assert bad.exit_code != 0 and "--draft-choice" in bad.output  # typer names the allowed values
 
 
 def test_info(gpt2_bundle):

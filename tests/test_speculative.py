@@ -102,8 +102,9 @@ def test_adaptive_depth_drafts_less_and_stays_exact(generators, threshold):
 def test_auto_mode_follows_what_was_measured(generators):
     derived, separate = generators["llama_self_bundle"], generators["gpt2_bundle"]
     assert derived.generate("one", max_new_tokens=3).stats.mode == "staged"
-    assert derived.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.mode == "autoregressive"
-    assert separate.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats.mode == "staged"
+    for gen in (derived, separate):  # sampling: drawn children from any draft model
+        stats = gen.generate("one", max_new_tokens=3, temperature=1.0, seed=0).stats
+        assert (stats.mode, stats.draft_choice) == ("speculative", "sample")
 
 
 def test_default_threshold_depends_on_sampling(generators):

@@ -228,13 +228,12 @@ class Generator:
             # every mode measured slower than plain decoding with a draft derived from the target or none
             # (0.78-0.97x, docs/benchmarks.md), so auto samples plainly there; a separate draft model is still used.
             # A trained feature draft measured 0.93x when sampling (42% agreement, docs/benchmarks.md): the same rule.
-            # A trained feature draft with drawn children (rule B) measured 1.3x when sampling (docs/benchmarks.md):
-            # auto speculates with it; stage 2 proposes nothing then, so plain speculative.
-            draft = self.bundle.manifest.draft
-            if sampling and self.draft is not None and draft is not None and draft.is_feature_draft:
-                return "speculative"
-            if sampling and (self.draft is None or (draft is not None and draft.derived_from is not None)):
-                return "autoregressive"
+            # Sampling with drawn children (rule B) measured faster than plain sampling with a trained feature draft
+            # (1.29-1.31x) and a derived int8 one (1.12x; rule A: 1.05x and 0.78x, docs/benchmarks.md): auto
+            # speculates with any draft model (stage 2 proposes nothing to drawn children, so plain speculative).
+            # Without one, n-gram chains are deterministic proposals (rule A): ngram mode measured 0.97x there.
+            if sampling:
+                return "speculative" if self.draft is not None else "autoregressive"
             return "staged" if self.draft is not None else "ngram"
         if mode in ("speculative", "staged") and self.draft is None:
             raise InvalidArgumentError(
