@@ -185,3 +185,15 @@ def test_derived_draft_is_recorded(llama_self_bundle):
     manifest = json.loads((llama_self_bundle / "manifest.json").read_text())
     assert manifest["draft"]["derived_from"] == "self:layers=1,int8"
     assert manifest["draft"]["weight_bytes"] < manifest["target"]["weight_bytes"]
+
+
+def test_a_sampling_tuning_keeps_the_proposals_it_was_measured_with(generators, monkeypatch):
+    """A tuning recorded before drawn proposals existed (no draft_choice) measured top proposals: auto keeps them."""
+    gen = generators["gpt2_bundle"]
+    tuned = {"mode": "speculative", "tree_budget": 4, "tree_depth": 4, "tree_threshold": 0.5}
+    for record, expected in ((tuned, "top"), ({**tuned, "draft_choice": "sample"}, "sample")):
+        monkeypatch.setattr(gen, "tuned", lambda sampling, record=record: dict(record) if sampling else {})
+        stats = gen.generate("one", max_new_tokens=4, temperature=1.0, seed=0).stats
+        assert stats.draft_choice == expected and stats.tree_threshold == 0.5
+        assert gen.generate("one", max_new_tokens=4, temperature=1.0, seed=0,
+                            draft_choice="sample").stats.draft_choice == "sample"  # an explicit choice wins

@@ -41,7 +41,7 @@ class BenchRow:
     draft_calls_per_token: float
     weight_bytes_ratio: float
     overhead: float  # share of wall time outside model runs
-    identical: bool  # same tokens as autoregressive decoding (greedy: must; sampling: same seed, usually)
+    identical: bool  # same tokens as autoregressive decoding (greedy: must; sampling: only with top proposals)
     draft_cost: float = 0.0  # mean draft call time over plain decoding's one-token target step time
     target_share: float = 0.0  # shares of wall time: target runs, draft runs, n-gram proposals
     draft_share: float = 0.0
@@ -217,7 +217,9 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
 
 def tuning_record(best: Candidate, speedup: float, prompts: int, new_tokens: int, machine: dict) -> dict:
     """What the manifest keeps for one temperature: the winner, its measured speed-up, and where."""
-    return {**best.kwargs(), "speedup": round(speedup, 3), "prompts": prompts, "new_tokens": new_tokens, **machine}
+    # draft_choice: what sampling was measured with (records without it predate drawn proposals: rule A's "top")
+    return {**best.kwargs(), "draft_choice": "sample", "speedup": round(speedup, 3), "prompts": prompts,
+            "new_tokens": new_tokens, **machine}
 
 
 def write_tuning(bundle_dir: Path, tuning: dict) -> None:

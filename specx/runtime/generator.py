@@ -72,7 +72,7 @@ class GenerationStats:
     tree_threshold: float = 0.0
     draft2_proposed: int = 0  # tokens the n-gram model proposed
     draft2_accepted: int = 0  # of those, tokens the draft (staged) or the target (ngram mode) kept
-    draft_calls_saved: int = 0  # draft calls below depth-per-step: saved by stage-2 chains and adaptive depth
+    draft_calls_saved: int = 0  # draft calls below depth-per-step: stage-2 chains, adaptive depth, a full budget
     draft2_seconds: float = 0.0  # time spent in n-gram proposals
     draft_choice: str = ""  # "sample" (children drawn from the draft) or "top" (its top tokens); "" without a draft
 
@@ -175,6 +175,8 @@ class Generator:
         if draft_choice not in DRAFT_CHOICES:
             raise InvalidArgumentError(f"unknown draft choice {draft_choice!r}; use one of {', '.join(DRAFT_CHOICES)}")
         tuned = self.tuned(sampling=temperature > 0)
+        if draft_choice == "auto" and temperature > 0 and tuned:
+            draft_choice = tuned.get("draft_choice", "top")  # the tuning's measurements hold for what they measured
         if mode == "auto" and tuned.get("mode"):
             mode = tuned["mode"]
         if tree_budget is None and tree_depth is None:
