@@ -226,12 +226,9 @@ class Generator:
         if mode not in MODES:
             raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "auto":
-            # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower). Sampling:
-            # every mode measured slower than plain decoding with a draft derived from the target or none
-            # (0.78-0.97x, docs/benchmarks.md), so auto samples plainly there; a separate draft model is still used.
-            # A trained feature draft measured 0.93x when sampling (42% agreement, docs/benchmarks.md): the same rule.
-            # Sampling with drawn children (rule B) measured faster than plain sampling with a trained feature draft
-            # (1.29-1.33x) and a derived int8 one (1.12x; rule A: 1.05x and 0.78x, docs/benchmarks.md): auto
+            # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower). Sampling
+            # with drawn children (rule B) measured faster than plain sampling with a trained feature draft
+            # (1.29-1.33x) and a derived int8 one (1.12x; rule A: 1.06-1.07x and 0.78x, docs/benchmarks.md): auto
             # speculates with any draft model (stage 2 proposes nothing to drawn children, so plain speculative).
             # Without one, n-gram chains are deterministic proposals (rule A): ngram mode measured 0.97x there.
             if sampling:
