@@ -98,6 +98,8 @@ def train_draft_command(
     epochs: float = typer.Option(8.0, help="Passes over the training text."),
     draft_layers: int = typer.Option(1, help="Decoder layers in the draft (each adds about a layer's cost to a "
                                              "draft call)."),
+    hard_label: float = typer.Option(0.0, help="Share of each position's label moved onto the target's top token "
+                                               "(0: the target's distribution alone; 1: its top token alone)."),
     device: str = typer.Option("auto", help="Where torch trains: auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for data and initialisation."),
     draft_dtype: str = typer.Option("int8", help="Draft graph weights: int8 or int4 weight-only quantized "
@@ -120,7 +122,8 @@ def train_draft_command(
             raise SpecxError(f"unknown --draft-dtype {draft_dtype!r}; use fp32, int8 or int4")
         step, bars = _progress_reporters()
         request = TrainDraftRequest(resolve_bundle_dir(model), tokens, tuple(corpus or ()), draft_vocab, device, seed,
-                                    epochs, cache_data=cache, draft_bits=bits, draft_layers=draft_layers)
+                                    epochs, cache_data=cache, draft_bits=bits, draft_layers=draft_layers,
+                                    hard_label=hard_label)
         result = train_draft(request, step, bars)
         typer.echo(f"{result.bundle}: {training_summary(result.training)}; "
                    f"{result.training['total_seconds'] / 60:.1f} minutes")

@@ -10,7 +10,7 @@ import torch
 from specx.drafttrain import loss as loss_module
 from specx.drafttrain.loss import sparse_soft_cross_entropy
 from specx.drafttrain.model import FeatureDraftModel
-from specx.drafttrain.train import Batch, TrainConfig, _can_compile, unroll_loss
+from specx.drafttrain.train import Batch, TrainConfig, _can_compile, label_mass, unroll_loss
 
 VOCAB, TOP = 50, 6
 
@@ -65,10 +65,25 @@ def _tiny_draft_and_batch() -> tuple[FeatureDraftModel, Batch]:
     return draft, data
 
 
+def test_hard_labels_move_mass_onto_the_argmax_inside_the_draft_vocabulary():
+    _, batch = _tiny_draft_and_batch()
+    batch.target_ids[0, :4, 0] = -1  # the target's argmax outside the draft vocabulary at four positions
+    inside = batch.target_ids >= 0
+    soft = label_mass(batch, 0.0)
+    torch.testing.assert_close(soft, batch.target_probs * inside)
+    hard = label_mass(batch, 0.3)
+    torch.testing.assert_close(hard[..., 1:], 0.7 * soft[..., 1:])
+    torch.testing.assert_close(hard[..., 0], 0.7 * soft[..., 0] + 0.3 * inside[..., 0])
+    assert float(hard[0, :4, 0].abs().max()) == 0.0  # nothing moved onto a token the draft cannot produce
+    only = label_mass(batch, 1.0)
+    assert torch.equal(only[..., 0], inside[..., 0].float()) and float(only[..., 1:].abs().max()) == 0.0
+
+
 @pytest.mark.skipif(not _can_compile("cpu"), reason="torch.compile needs a C++ compiler on CPU")
-def test_the_compiled_loss_is_the_eager_loss():
+@pytest.mark.parametrize("hard", [0.0, 0.3])
+def test_the_compiled_loss_is_the_eager_loss(hard: float):
     draft, batch = _tiny_draft_and_batch()
-    config = TrainConfig()
+    config = TrainConfig(hard_label=hard)
     eager = unroll_loss(draft, batch, config)
     eager_grads = torch.autograd.grad(eager, [p for p in draft.parameters()])
     compiled = torch.compile(unroll_loss, dynamic=False)(draft, batch, config)

@@ -24,7 +24,8 @@ from specx.exporter.sources import load_source
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES
 from specx.runtime.bundle import Bundle
 from specx.runtime.feature_draft import check_feature_draft
-from specx.runtime.generator import Generator, _decoder
+from specx.runtime.generator import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD,
+                                     Generator, _decoder)
 from specx.runtime.manifest import Manifest
 from specx.runtime.tree import chain
 from tests import tiny_models
@@ -141,6 +142,7 @@ def test_cli_defaults_are_the_pipelines():
     assert options["epochs"].default.default == TrainConfig.epochs
     assert options["draft_vocab"].default.default == DEFAULT_DRAFT_VOCAB
     assert options["draft_layers"].default.default == TrainDraftRequest.draft_layers
+    assert options["hard_label"].default.default == TrainDraftRequest.hard_label
 
 
 def test_bundle_records_the_training(feature_bundle: Path):
@@ -375,4 +377,8 @@ def test_auto_speculates_with_a_trained_draft_drawing_when_sampling(feature_bund
     gen = Generator.load(feature_bundle, provider="cpu")
     sampled = gen.generate("def f1", max_new_tokens=4, temperature=1.0, seed=0).stats
     assert (sampled.mode, sampled.draft_choice) == ("speculative", "sample")
-    assert gen.generate("def f1", max_new_tokens=4).stats.mode == "staged"
+    assert sampled.tree_threshold == DRAWN_TREE_THRESHOLD
+    greedy = gen.generate("def f1", max_new_tokens=4).stats
+    assert greedy.mode == "staged"
+    # a trained draft stops deepening sooner when greedy than derived and separate drafts do (measured)
+    assert greedy.tree_threshold == FEATURE_GREEDY_TREE_THRESHOLD != GREEDY_TREE_THRESHOLD

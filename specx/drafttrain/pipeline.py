@@ -79,6 +79,7 @@ class TrainDraftRequest:
     cache_data: bool = True  # keep the distillation set under $SPECX_HOME/train-data for later runs
     draft_bits: int | None = DEFAULT_DRAFT_BITS  # weight-only quantized draft graph (8 or 4 bits); None: float32
     draft_layers: int = 1  # decoder layers in the draft
+    hard_label: float = TrainConfig.hard_label  # share of the label mass on the target's argmax (train.label_mass)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
             data.save(cache)
     train_set, held_out = data.split(max(MIN_HELD_OUT, int(len(data.tokens) * HELD_OUT_SHARE)))
     vocab_map = draft_vocabulary(train_set, request.draft_vocab, adapter.spec.vocab_size)
-    config = TrainConfig(epochs=request.epochs, seed=request.seed)
+    config = TrainConfig(epochs=request.epochs, seed=request.seed, hard_label=request.hard_label)
     draft = new_draft(loaded.model, adapter, layers, vocab_map, request.seed, request.draft_layers)
     untrained = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
     log = train(draft.to(device), train_set, vocab_map, adapter.spec.vocab_size, config, progress)
@@ -122,7 +123,7 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     training = {
         "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy",
         "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "draft_layers": request.draft_layers,
-        "seed": request.seed,
+        "seed": request.seed, "hard_label": request.hard_label,
         "data_tokens": data.num_tokens, "corpus_files": [str(p) for p in request.corpus],
         "train_tokens": train_set.num_tokens, "held_out_tokens": held_out.num_tokens, "epochs": request.epochs,
         "steps": log.steps, "first_loss": log.first_loss, "last_loss": log.last_loss,
@@ -179,6 +180,8 @@ def _check_request(request: TrainDraftRequest) -> None:
         raise InvalidArgumentError(f"--draft-vocab must be at least 2, got {request.draft_vocab}")
     if request.draft_layers < 1:
         raise InvalidArgumentError(f"--draft-layers must be at least 1, got {request.draft_layers}")
+    if not 0 <= request.hard_label <= 1:
+        raise InvalidArgumentError(f"--hard-label must lie in [0, 1], got {request.hard_label}")
     if request.epochs <= 0:
         raise InvalidArgumentError(f"--epochs must be positive, got {request.epochs}")
     if request.draft_bits is not None and request.draft_bits not in SUPPORTED_BITS:

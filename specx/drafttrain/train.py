@@ -38,6 +38,7 @@ class TrainConfig:
     unroll: int = 3  # training-time unroll: steps on the draft's own states
     unroll_decay: float = 0.8
     clip: float = 0.5
+    hard_label: float = 0.0  # share of each row's target mass moved onto the target's argmax (0: soft labels only)
     weight_decay: float = 0.0
     seed: int = 0
     mixed_precision: bool | None = None  # bfloat16 autocast; None: where the device runs it faster (precision.py)
@@ -144,12 +145,23 @@ def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> 
     for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
         valid = batch.valid.clone()
         valid[:, :k] = False
-        mass = batch.target_probs * (batch.target_ids >= 0)  # (batch, seq, TOP_K)
+        mass = label_mass(batch, config.hard_label)  # (batch, seq, TOP_K)
         per_row = sparse_soft_cross_entropy(logits, batch.target_ids.clamp(min=0), mass)  # (batch, seq)
         if valid.any():
             total = total + config.unroll_decay ** k * per_row[valid].mean()
             weights += config.unroll_decay ** k
     return total / max(weights, 1e-9)
+
+
+def label_mass(batch: Batch, hard: float) -> torch.Tensor:
+    """The target probability each of its top ids carries in the loss, 0 outside the draft vocabulary; ``hard`` of
+    it moved onto the argmax (ids are sorted, most likely first), which greedy acceptance is decided by."""
+    inside = batch.target_ids >= 0
+    mass = batch.target_probs * inside  # (batch, seq, TOP_K)
+    if hard:
+        mass = (1 - hard) * mass
+        mass[..., 0] += hard * inside[..., 0]
+    return mass
 
 
 # -- training ---------------------------------------------------------------------------------------------------
