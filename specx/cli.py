@@ -187,7 +187,8 @@ def run(
     tree_depth: Optional[int] = typer.Option(None, help="Speculative: tree depth = draft calls per step at most."),
     tree_threshold: Optional[float] = typer.Option(None, help="Speculative: stop drafting a step once the best path "
                                                               "probability falls below this (0 = fixed depth; default "
-                                                              "0.1 greedy, 0.5 sampling)."),
+                                                              "0.1, 0.2 greedy with a trained draft, 0.5 with "
+                                                              "--draft-choice top)."),
     max_context: Optional[int] = typer.Option(None, help="Cap prompt + new tokens (default: the model's context); "
                                                          "bounds the KV cache's memory."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),

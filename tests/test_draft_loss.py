@@ -89,6 +89,8 @@ def test_the_compiled_loss_is_the_eager_loss(hard: float):
     compiled = torch.compile(unroll_loss, dynamic=False)(draft, batch, config)
     compiled_grads = torch.autograd.grad(compiled, [p for p in draft.parameters()])
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    if hard:  # the share reaches the loss
+        assert abs(float(eager) - float(unroll_loss(draft, batch, TrainConfig()))) > 1e-3
     for ours, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-5)
     assert np.isfinite(float(eager.detach())) and float(eager.detach()) > 0

@@ -155,6 +155,7 @@ def test_bundle_records_the_training(feature_bundle: Path):
     assert training["train_tokens"] > 0 and len(training["held_out_agreement"]) == TrainConfig.unroll
     assert training["held_out_agreement"][0] > training["untrained_agreement"][0]
     assert 0.0 < training["train_agreement"] <= 1.0 and training["draft_layers"] == 1
+    assert training["hard_label"] == 0.0 and "argmax" not in training["method"]
     assert training["held_out_tau"] > 1.0
     assert draft.parity["max_abs_diff"] <= draft.parity["tolerance"]
     assert np.load(feature_bundle / draft.vocab_map).shape == (DRAFT_VOCAB,)
@@ -371,6 +372,8 @@ def test_train_draft_command(predictable_dir: Path, tmp_path: Path):
     assert bad.exit_code == 1 and "draft-vocab" in bad.output
     bad = CliRunner().invoke(app, ["train-draft", str(out), "--draft-dtype", "int9"])
     assert bad.exit_code == 1 and "--draft-dtype" in bad.output
+    bad = CliRunner().invoke(app, ["train-draft", str(out), "--hard-label", "1.5"])
+    assert bad.exit_code == 1 and "--hard-label" in bad.output
 
 
 def test_auto_speculates_with_a_trained_draft_drawing_when_sampling(feature_bundle: Path):

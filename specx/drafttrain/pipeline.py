@@ -121,7 +121,8 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     reached = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
     seen = agreement(draft, train_set.head(held_out.num_tokens), vocab_map, adapter.spec.vocab_size, 1)
     training = {
-        "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy",
+        "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy"
+                            + (f" ({request.hard_label:g} of each label on the argmax)" if request.hard_label else ""),
         "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "draft_layers": request.draft_layers,
         "seed": request.seed, "hard_label": request.hard_label,
         "data_tokens": data.num_tokens, "corpus_files": [str(p) for p in request.corpus],

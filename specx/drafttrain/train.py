@@ -142,10 +142,10 @@ def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> 
     fused = draft.fuse_features(batch.features)
     total = torch.zeros((), device=batch.tokens.device)
     weights = 0.0
+    mass = label_mass(batch, config.hard_label)  # (batch, seq, TOP_K)
     for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
         valid = batch.valid.clone()
         valid[:, :k] = False
-        mass = label_mass(batch, config.hard_label)  # (batch, seq, TOP_K)
         per_row = sparse_soft_cross_entropy(logits, batch.target_ids.clamp(min=0), mass)  # (batch, seq)
         if valid.any():
             total = total + config.unroll_decay ** k * per_row[valid].mean()

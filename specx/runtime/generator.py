@@ -46,7 +46,8 @@ DEFAULT_TREE_DEPTH = 5
 TREE_ROWS_SLACK = 64  # rows a reservation adds for the tree passes beyond the tokens themselves
 GREEDY_TREE_THRESHOLD = 0.1
 # A trained feature draft stops deepening sooner: 0.2 measured 1.44x against 0.1's 1.42x (24 prompts, 4x4 chain;
-# 0.2 led in every chain shape of a 12-prompt sweep); derived drafts keep 0.1 (0.3 measured slower, 1.23x vs 1.26x).
+# 0.2 led in every chain shape of a 12-prompt sweep). Derived and separate drafts keep 0.1 (0.3 measured slower for
+# the int8 self-draft, 1.23x vs 1.26x; 0.2 not measured for them).
 FEATURE_GREEDY_TREE_THRESHOLD = 0.2
 SAMPLING_TREE_THRESHOLD = 0.5  # top children (rule A)
 DRAWN_TREE_THRESHOLD = 0.1  # drawn children (rule B): a trained draft measured 0.05-0.1 best (docs/benchmarks.md)
