@@ -4,8 +4,8 @@ measuring code path. Each mode runs right after plain decoding on the same promp
 per-prompt ratios, with the time split (target, draft, n-gram, rest) and the speed-up per prompt kind.
 
     python benchmarks/speculative.py --bundle DIR [--bundle DIR ...] [--modes speculative,staged,ngram]
-                                     [--shapes 5x5,8x4] [--thresholds 0.1,0.2] [--prompts 24] [--new-tokens 128]
-                                     [--temperatures 0,1] [--no-ngram-table] [--json out.json]
+                                     [--shapes 5x5,8x4] [--thresholds 0.1,0.2] [--floors 0,0.05] [--prompts 24]
+                                     [--new-tokens 128] [--temperatures 0,1] [--no-ngram-table] [--json out.json]
 
 A shape BxD is a tree of B draft tokens and depth D (B == D is a chain: classic speculative decoding).
 """
@@ -32,6 +32,8 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--modes", default="speculative")
     p.add_argument("--shapes", default="5x5", help="BxD tree budget x depth, comma-separated")
     p.add_argument("--thresholds", default="", help="adaptive-depth thresholds (default: the runtime's)")
+    p.add_argument("--floors", default="", help="tree floors: verify only nodes whose path value reaches one "
+                                                "(default: the runtime's)")
     p.add_argument("--draft-choices", default="auto",
                    help="when sampling: 'sample' (children drawn from the draft), 'top' (its top tokens), comma-separated")
     p.add_argument("--prompts", type=int, default=24)
@@ -50,6 +52,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     prompts = bench.load_prompts(None, args.prompts)
     temperatures = [float(t) for t in args.temperatures.split(",")]
     thresholds = [float(t) for t in args.thresholds.split(",") if t] or [None]
+    floors = [float(f) for f in args.floors.split(",") if f] or [None]
     results = []
     for path in args.bundle:
         gen = Generator.load(path, provider=args.provider, threads=args.threads)
@@ -58,14 +61,17 @@ def measure(args: argparse.Namespace) -> list[dict]:
         manifest = gen.bundle.manifest
         for shape in args.shapes.split(","):
             budget, depth = (int(x) for x in shape.lower().split("x"))
-            for threshold, choice in itertools.product(thresholds, args.draft_choices.split(",")):
+            for threshold, floor, choice in itertools.product(thresholds, floors, args.draft_choices.split(",")):
                 tree = {"tree_budget": budget, "tree_depth": depth, "draft_choice": choice}
                 if threshold is not None:
                     tree["tree_threshold"] = threshold
+                if floor is not None:
+                    tree["tree_floor"] = floor
                 rows = bench.run_bench(gen, prompts, args.modes.split(","), temperatures, args.new_tokens, tree=tree)
                 summary = bench.summarise(rows)
                 print(f"\n{path.name} (draft: {manifest.draft.source if manifest.draft else 'none'})  tree {shape}  "
-                      f"threshold {threshold if threshold is not None else 'default'}  draft choice {choice}", flush=True)
+                      f"threshold {threshold if threshold is not None else 'default'}  "
+                      f"floor {floor if floor is not None else 'default'}  draft choice {choice}", flush=True)
                 print(bench.format_table(summary), flush=True)
                 for s in summary:
                     if s["mode"] != "autoregressive":

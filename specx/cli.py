@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
@@ -189,6 +190,10 @@ def run(
                                                               "probability falls below this (0 = fixed depth; default "
                                                               "0.1, 0.2 greedy with a trained draft, 0.5 with "
                                                               "--draft-choice top)."),
+    tree_floor: Optional[float] = typer.Option(None, help="Speculative: verify only the tree nodes whose path "
+                                                          "probability reaches this, so a wide tree shrinks to its "
+                                                          "likely nodes (default 0.05 greedy with a trained draft, "
+                                                          "else 0 = every node)."),
     max_context: Optional[int] = typer.Option(None, help="Cap prompt + new tokens (default: the model's context); "
                                                          "bounds the KV cache's memory."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: physical cores)."),
@@ -211,7 +216,7 @@ def run(
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
                                   tree_budget=tree_budget, tree_depth=tree_depth, tree_threshold=tree_threshold,
-                                  chat=chat, draft_choice=draft_choice.value)
+                                  chat=chat, draft_choice=draft_choice.value, tree_floor=tree_floor)
         for piece in stream:
             if not as_json:
                 sys.stdout.write(piece)
@@ -304,6 +309,8 @@ def bench(
     tree_budget: Optional[int] = typer.Option(None, help="Speculative modes: draft tokens verified per step."),
     tree_depth: Optional[int] = typer.Option(None, help="Speculative modes: tree depth."),
     tree_threshold: Optional[float] = typer.Option(None, help="Speculative modes: adaptive-depth threshold."),
+    tree_floor: Optional[float] = typer.Option(None, help="Speculative modes: verify only nodes whose path "
+                                                          "probability reaches this."),
 ) -> None:
     """Plain decoding and every decoding mode on a prompt set, back to back: tokens/s, speed-up, tau, draft calls,
     weight-bytes ratio, overhead, and whether greedy outputs were identical."""
@@ -331,7 +338,7 @@ def bench(
         typer.echo(f"specx bench: {len(prompt_set)} prompts x {len(temps)} temperatures, modes "
                    f"{', '.join(['autoregressive', *chosen])}, {max_new_tokens} tokens each", err=True)
         tree = {k: v for k, v in (("tree_budget", tree_budget), ("tree_depth", tree_depth),
-                                  ("tree_threshold", tree_threshold)) if v is not None}
+                                  ("tree_threshold", tree_threshold), ("tree_floor", tree_floor)) if v is not None}
         peers = []
         if against:
             from specx.peers import load_peers
@@ -364,15 +371,20 @@ def _tune(generator, prompt_set, modes, temperatures, new_tokens, machine) -> No
         typer.echo(f"specx bench --tune ({key}): {len(b.candidates(modes, temperature > 0))} candidates x "
                    f"{len(prompt_set)} prompts, {new_tokens} tokens each", err=True)
         best, speedup, _ = b.tune(generator, prompt_set, modes, temperature, new_tokens,
-                                  lambda c, s: typer.echo(f"  {c.mode} {c.tree_budget}x{c.tree_depth} "
-                                                          f"threshold {c.tree_threshold:g}: {s:.2f}x", err=True))
+                                  lambda c, s: typer.echo(f"  {c.mode}{_tree_text(asdict(c))}: {s:.2f}x", err=True))
         record[key] = {**b.tuning_record(best, speedup, len(prompt_set), new_tokens, machine),
                        "measured": datetime.date.today().isoformat(), "temperature": temperature}
-        shape = "" if best.mode == "autoregressive" else \
-            f" tree {best.tree_budget}x{best.tree_depth} threshold {best.tree_threshold:g}"
-        typer.echo(f"{key}: {best.mode}{shape}: {speedup:.2f}x plain decoding (median over prompts)")
+        typer.echo(f"{key}: {best.mode}{_tree_text(asdict(best))}: {speedup:.2f}x plain decoding (median over prompts)")
     b.write_tuning(generator.bundle.path, record)
     typer.echo(f"written to {generator.bundle.path / 'manifest.json'}: run, Generator and bench use it by default")
+
+
+def _tree_text(tree: dict) -> str:
+    """' tree BxD threshold V[ floor F]' of a tuning candidate or record; '' for plain decoding."""
+    if tree.get("mode") == "autoregressive":
+        return ""
+    floor = f" floor {tree['tree_floor']:g}" if tree.get("tree_floor") else ""
+    return f" tree {tree.get('tree_budget')}x{tree.get('tree_depth')} threshold {tree.get('tree_threshold'):g}{floor}"
 
 
 @app.command()
@@ -418,10 +430,8 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
                        f"{info.get('sampled_tokens', 0)} sampled from {info.get('sampled_from', '?')}, "
                        f"{len(info.get('corpus_files', []))} corpus files)")
         for key, tuned in (m.tuning or {}).items():
-            shape = "" if tuned.get("mode") == "autoregressive" else \
-                f" tree {tuned.get('tree_budget')}x{tuned.get('tree_depth')} threshold {tuned.get('tree_threshold')}"
-            typer.echo(f"tuned    {key}: {tuned.get('mode')}{shape}: {tuned.get('speedup')}x plain decoding on "
-                       f"{tuned.get('machine')} ({tuned.get('provider')}, {tuned.get('measured')})")
+            typer.echo(f"tuned    {key}: {tuned.get('mode')}{_tree_text(tuned)}: {tuned.get('speedup')}x plain "
+                       f"decoding on {tuned.get('machine')} ({tuned.get('provider')}, {tuned.get('measured')})")
         t = m.tokenizer
         typer.echo(f"tokenizer {t.file}  vocab {t.vocab_size}, bos {t.bos_token_id}, eos {list(t.eos_token_ids)}")
 

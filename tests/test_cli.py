@@ -288,8 +288,8 @@ def test_bench_tune_writes_the_default_that_run_uses(gpt2_bundle, tmp_path):
                             "--json"]).stdout)["stats"]
     assert stats["mode"] == tuned["mode"]
     if tuned["mode"] != "autoregressive":
-        assert (stats["tree_budget"], stats["tree_depth"], stats["tree_threshold"]) == \
-            (tuned["tree_budget"], tuned["tree_depth"], tuned["tree_threshold"])
+        assert (stats["tree_budget"], stats["tree_depth"], stats["tree_threshold"], stats["tree_floor"]) == \
+            (tuned["tree_budget"], tuned["tree_depth"], tuned["tree_threshold"], tuned["tree_floor"])
     explicit = json.loads(_ok(["run", "--model", str(bundle), "--prompt", "one two", "--max-new-tokens", "8",
                                "--mode", "speculative", "--tree-budget", "3", "--tree-depth", "3",
                                "--json"]).stdout)["stats"]

@@ -24,8 +24,8 @@ from specx.exporter.sources import load_source
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES
 from specx.runtime.bundle import Bundle
 from specx.runtime.feature_draft import check_feature_draft
-from specx.runtime.generator import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD,
-                                     Generator, _decoder)
+from specx.runtime.generator import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE, FEATURE_GREEDY_TREE_FLOOR,
+                                     FEATURE_GREEDY_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, Generator, _decoder)
 from specx.runtime.manifest import Manifest
 from specx.runtime.tree import chain
 from tests import tiny_models
@@ -242,15 +242,17 @@ def _load_trained_torch_draft(bundle_dir: Path, predictable_dir: Path):
 
 
 @pytest.mark.parametrize("mode", ["speculative", "staged"])
-@pytest.mark.parametrize("budget,depth", [(5, 5), (8, 4), (12, 3)])
-def test_greedy_with_a_trained_draft_equals_plain_decoding(feature_bundle: Path, mode: str, budget: int, depth: int):
+@pytest.mark.parametrize("budget,depth,floor", [(5, 5, 0.0), (8, 4, 0.0), (8, 4, 0.3), (12, 3, None)])
+def test_greedy_with_a_trained_draft_equals_plain_decoding(feature_bundle: Path, mode: str, budget: int, depth: int,
+                                                            floor: float | None):
     gen = Generator.load(feature_bundle, provider="cpu")
     for prompt in PROMPTS:
         plain = gen.generate(prompt, max_new_tokens=40, mode="autoregressive", ignore_eos=True)
         spec = gen.generate(prompt, max_new_tokens=40, mode=mode, ignore_eos=True, tree_budget=budget,
-                            tree_depth=depth)
+                            tree_depth=depth, tree_floor=floor)
         assert spec.tokens == plain.tokens, (prompt, mode)
         assert spec.stats.draft_calls > 0
+        assert spec.stats.tree_floor == (FEATURE_GREEDY_TREE_FLOOR if floor is None else floor)
 
 
 @pytest.mark.parametrize("mode", ["speculative", "staged"])
@@ -383,5 +385,10 @@ def test_auto_speculates_with_a_trained_draft_drawing_when_sampling(feature_bund
     assert sampled.tree_threshold == DRAWN_TREE_THRESHOLD
     greedy = gen.generate("def f1", max_new_tokens=4).stats
     assert greedy.mode == "staged"
-    # a trained draft stops deepening sooner when greedy than derived and separate drafts do (measured)
+    # a trained draft stops deepening sooner when greedy than derived and separate drafts do (measured), and grows
+    # a tree of which it verifies the likely nodes
     assert greedy.tree_threshold == FEATURE_GREEDY_TREE_THRESHOLD != GREEDY_TREE_THRESHOLD
+    assert (greedy.tree_budget, greedy.tree_depth) == FEATURE_GREEDY_TREE and greedy.tree_floor == \
+        FEATURE_GREEDY_TREE_FLOOR > 0
+    assert sampled.tree_floor == 0.0 and (sampled.tree_budget, sampled.tree_depth) == (5, 5)
+    assert gen.generate("def f1", max_new_tokens=4, mode="ngram").stats.tree_floor == 0.0

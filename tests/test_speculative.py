@@ -12,7 +12,7 @@ from specx.errors import InvalidArgumentError
 from specx.runtime import Generator
 from specx.runtime.generator import DRAWN_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD
 from specx.runtime.decoding import feed
-from specx.runtime.drafting import TokenDraft, TreeShape, grow_tree
+from specx.runtime.drafting import TokenDraft, TreeShape, _Growth, _select, grow_tree
 from tests.helpers import assert_first_two_tokens_follow_the_model
 
 PROMPTS = ["def f12(x):", "the quick brown fox", "one two three", "print"]
@@ -179,6 +179,51 @@ def feed_logits(gen: Generator, text: str) -> np.ndarray:
 def test_invalid_tree_shapes(generators, budget, depth):
     with pytest.raises(InvalidArgumentError):
         generators["gpt2_bundle"].generate("one", tree_budget=budget, tree_depth=depth)
+
+
+@pytest.mark.parametrize("floor", [-0.1, 1.0])
+def test_invalid_tree_floor(generators, floor):
+    with pytest.raises(InvalidArgumentError, match="floor"):
+        generators["gpt2_bundle"].generate("one", tree_floor=floor)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_a_tree_floor_verifies_fewer_nodes_and_stays_exact(generators, bundle):
+    gen = generators[bundle]
+    tree = dict(max_new_tokens=30, ignore_eos=True, mode="speculative", tree_budget=12, tree_depth=4,
+                tree_threshold=0.0)
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=30, ignore_eos=True, mode="autoregressive").tokens
+        every = gen.generate(prompt, **tree, tree_floor=0.0).stats
+        assert every.tree_floor == 0.0 and every.nodes_per_verify > 10  # 12 a step, fewer in the last steps
+        some = gen.generate(prompt, **tree, tree_floor=0.2)
+        assert some.tokens == plain and some.stats.tree_floor == 0.2
+        assert some.stats.nodes_per_verify < every.nodes_per_verify
+        best = gen.generate(prompt, **tree, tree_floor=0.99)  # no node is that likely: the best one only
+        assert best.tokens == plain and best.stats.nodes_per_verify == 1.0
+
+
+def test_the_floor_keeps_the_likely_nodes_as_a_tree():
+    growth = _Growth(TreeShape(budget=6, depth=3, floor=0.2), root_pos=0, committed=0)
+    growth.add(100, -1, 1.0)
+    a, b = growth.add(1, 0, 0.6), growth.add(2, 0, 0.3)  # path values: products of draft probabilities
+    growth.add(3, a, 0.45), growth.add(4, a, 0.1), growth.add(5, b, 0.15)
+    kept = _select(growth)
+    assert kept.tokens.tolist() == [100, 1, 2, 3] and kept.tree.parents.tolist() == [-1, 0, 0, 1]
+    growth.shape = TreeShape(budget=6, depth=3, floor=0.9)
+    assert _select(growth).tokens.tolist() == [100, 1]  # nothing reaches it: the best node alone
+    growth.shape = TreeShape(budget=6, depth=3)
+    assert _select(growth).tree.size == 6
+
+
+def test_drawn_children_ignore_the_floor(generators):
+    gen = generators["gpt2_bundle"]
+    kwargs = dict(max_new_tokens=20, ignore_eos=True, temperature=1.0, seed=3, mode="speculative",
+                  draft_choice="sample", tree_budget=8, tree_depth=4)
+    without = gen.generate("one two", **kwargs, tree_floor=0.0)
+    floored = gen.generate("one two", **kwargs, tree_floor=0.5)
+    assert floored.tokens == without.tokens  # same draws, same trees: nothing drawn is ever dropped
+    assert floored.stats.nodes_per_verify == without.stats.nodes_per_verify
 
 
 def test_derived_draft_is_recorded(llama_self_bundle):

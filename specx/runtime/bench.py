@@ -46,6 +46,7 @@ class BenchRow:
     target_share: float = 0.0  # shares of wall time: target runs, draft runs, n-gram proposals
     draft_share: float = 0.0
     draft2_share: float = 0.0
+    nodes_per_verify: float = 0.0  # draft nodes the target verified per pass
 
 
 def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Prompt]:
@@ -88,7 +89,8 @@ def check_modes(gen: Generator, modes: Sequence[str]) -> list[str]:
 def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperatures: Sequence[float],
               new_tokens: int, report: Callable[[BenchRow], None] = lambda row: None,
               tree: dict | None = None, peers: Sequence = ()) -> list[BenchRow]:
-    """``tree``: tree_budget / tree_depth / tree_threshold for the speculative modes (their defaults otherwise);
+    """``tree``: tree_budget / tree_depth / tree_threshold / tree_floor for the speculative modes (their defaults
+    otherwise);
     ``peers`` (specx.peers.Peer): other runtimes on the same prompt ids, right after plain decoding."""
     for mode in ("autoregressive", *modes):  # warm-up: every session and code path once
         gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, mode=mode, **(tree or {}))
@@ -110,7 +112,8 @@ def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], t
                                s.tokens_per_target_call, s.draft_calls / s.new_tokens, s.weight_bytes_ratio,
                                s.overhead_fraction, result.tokens == plain.tokens,
                                s.draft_seconds / s.draft_calls / step if s.draft_calls and step else 0.0,
-                               *(x / s.seconds for x in (s.target_seconds, s.draft_seconds, s.draft2_seconds)))
+                               *(x / s.seconds for x in (s.target_seconds, s.draft_seconds, s.draft2_seconds)),
+                               nodes_per_verify=s.nodes_per_verify)
                 rows.append(row)
                 report(row)
             ids = gen.bundle.tokenizer.encode(prompt.text).ids
@@ -138,7 +141,8 @@ def summarise(rows: Sequence[BenchRow]) -> list[dict]:
         group = [r for r in rows if r.mode == mode and r.temperature == temperature]
         med = {f: statistics.median(getattr(r, f) for r in group)
                for f in ("tokens_per_second", "speedup", "tau", "draft_calls_per_token", "weight_bytes_ratio",
-                         "overhead", "draft_cost", "target_share", "draft_share", "draft2_share")}
+                         "overhead", "draft_cost", "target_share", "draft_share", "draft2_share",
+                         "nodes_per_verify")}
         kinds = sorted({r.kind for r in group})
         by_kind = {k: statistics.median(r.speedup for r in group if r.kind == k) for k in kinds}
         out.append({"mode": mode, "temperature": temperature, **med,
@@ -147,13 +151,13 @@ def summarise(rows: Sequence[BenchRow]) -> list[dict]:
 
 
 def format_table(summary: Sequence[dict]) -> str:
-    header = f"{'mode':<15} {'T':>4} {'tokens/s':>9} {'speed-up':>9} {'tau':>6} {'draft/tok':>9} {'bytes':>6} " \
-             f"{'overhead':>8} {'draft cost':>10} {'identical':>9}"
+    header = f"{'mode':<15} {'T':>4} {'tokens/s':>9} {'speed-up':>9} {'tau':>6} {'nodes':>5} {'draft/tok':>9} " \
+             f"{'bytes':>6} {'overhead':>8} {'draft cost':>10} {'identical':>9}"
     lines = [header, "-" * len(header)]
     for s in summary:
         lines.append(f"{s['mode']:<15} {s['temperature']:>4g} {s['tokens_per_second']:>9.1f} {s['speedup']:>8.2f}x "
-                     f"{s['tau']:>6.2f} {s['draft_calls_per_token']:>9.2f} {s['weight_bytes_ratio']:>6.2f} "
-                     f"{s['overhead']:>8.1%} {s['draft_cost']:>10.3f} {s['identical']:>9}")
+                     f"{s['tau']:>6.2f} {s['nodes_per_verify']:>5.1f} {s['draft_calls_per_token']:>9.2f} "
+                     f"{s['weight_bytes_ratio']:>6.2f} {s['overhead']:>8.1%} {s['draft_cost']:>10.3f} {s['identical']:>9}")
     return "\n".join(lines)
 
 
@@ -165,6 +169,9 @@ def rows_to_json(rows: Sequence[BenchRow], summary: Sequence[dict], meta: dict) 
 TUNE_SHAPES = ((4, 4), (6, 6), (8, 8), (8, 4), (12, 6))  # (budget, depth): chains and small trees
 # Sampling decodes with drawn children (rule B), whose best thresholds measured 0.05-0.1 (0.5 was rule A's).
 TUNE_THRESHOLDS = {"greedy": (0.05, 0.1, 0.2), "sampling": (0.05, 0.1, 0.2)}
+# Trees (budget > depth) also try verifying only their likely nodes when greedy: a trained draft's 8x4 tree measured
+# 1.48x with floor 0.05 against 1.31x without (docs/benchmarks.md). Drawn children are never dropped.
+TUNE_FLOORS = {"greedy": (0.0, 0.05), "sampling": (0.0,)}
 TUNE_PROMPTS = 8
 TUNE_TOKENS = 64
 
@@ -175,18 +182,19 @@ class Candidate:
     tree_budget: int = 0
     tree_depth: int = 0
     tree_threshold: float = 0.0
+    tree_floor: float = 0.0
 
     def kwargs(self) -> dict:
         if self.mode == "autoregressive":
             return {"mode": self.mode}
         return {"mode": self.mode, "tree_budget": self.tree_budget, "tree_depth": self.tree_depth,
-                "tree_threshold": self.tree_threshold}
+                "tree_threshold": self.tree_threshold, "tree_floor": self.tree_floor}
 
 
 def candidates(modes: Sequence[str], sampling: bool) -> list[Candidate]:
-    thresholds = TUNE_THRESHOLDS["sampling" if sampling else "greedy"]
-    return [Candidate(mode, budget, depth, threshold) for mode in modes for budget, depth in TUNE_SHAPES
-            for threshold in thresholds]
+    key = "sampling" if sampling else "greedy"
+    return [Candidate(mode, budget, depth, threshold, floor) for mode in modes for budget, depth in TUNE_SHAPES
+            for threshold in TUNE_THRESHOLDS[key] for floor in TUNE_FLOORS[key] if budget > depth or not floor]
 
 
 def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperature: float, new_tokens: int,

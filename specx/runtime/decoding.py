@@ -34,6 +34,7 @@ class StepLog:
     """What the speculative loop did, step by step (the caller turns it into statistics)."""
 
     accepted: list[int] = field(default_factory=list)  # accepted draft tokens per target call
+    verified: list[int] = field(default_factory=list)  # draft nodes per target call
     planned_draft_calls: int = 0  # draft calls tree speculation without stage 2 would make (depth per step)
     stage_two: StageTwoLog = field(default_factory=StageTwoLog)
 
@@ -176,6 +177,7 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
         room = request.max_positions - len(committed)  # positions left after the root's
         drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room)), sampler)
         logits = verify(target, drafted)
+        log.verified.append(drafted.tokens.size - 1)
         result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng, drafted.sampled)
         target.commit([0, *result.path])  # root + accepted nodes, in path order
         drafter.commit(target, drafted, result, len(committed))

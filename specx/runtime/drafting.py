@@ -9,7 +9,8 @@ overall form the tree the target verifies; a child's value never exceeds its par
     call 1   draft(frontier, tree mask)                     frontier processed -> their children
     ...      (at most `depth` calls; fewer when stage 2 covers several levels per call, or when the best
              frontier value falls below the shape's threshold: adaptive depth, EAGLE-2's idea)
-    keep the `budget` best nodes by value, parents before children
+    keep the `budget` best nodes by value, parents before children (and, with a floor, only those whose value
+    reaches it: a wide tree shrinks each step to the nodes likely to be accepted, EAGLE-2's reranking)
 
 Stage 2 (staged decoding): a cheap proposer (the n-gram model) suggests a continuation chain below each frontier
 node, and the draft runs the chains in the same call. A chain token that the draft itself would have made a child
@@ -52,6 +53,7 @@ class TreeShape:
     budget: int  # non-root nodes the target verifies per step
     depth: int  # maximum depth below the root = maximum draft calls per step
     threshold: float = 0.0  # adaptive depth: stop drafting once the best unprocessed path value falls below this
+    floor: float = 0.0  # verify only nodes whose path value reaches this (the best node always); top children only
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -60,6 +62,8 @@ class TreeShape:
             raise InvalidArgumentError(f"tree budget ({self.budget}) must be at least the depth ({self.depth})")
         if not 0.0 <= self.threshold < 1.0:
             raise InvalidArgumentError(f"tree threshold must lie in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.floor < 1.0:
+            raise InvalidArgumentError(f"tree floor must lie in [0, 1), got {self.floor}")
 
     @property
     def width(self) -> int:
@@ -68,7 +72,8 @@ class TreeShape:
 
     def limited(self, depth: int) -> "TreeShape":
         depth = max(1, min(self.depth, depth))
-        return TreeShape(budget=max(depth, min(self.budget, depth * self.width)), depth=depth, threshold=self.threshold)
+        return TreeShape(budget=max(depth, min(self.budget, depth * self.width)), depth=depth, threshold=self.threshold,
+                         floor=self.floor)
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,10 @@ def _draft_call(model: DraftModel, growth: _Growth, frontier: list[int], chains:
 
 def _select(growth: _Growth) -> DraftTree:
     n = len(growth.tokens)
-    keep = sorted(sorted(range(1, n), key=lambda i: (-growth.values[i], i))[: growth.shape.budget])
+    best = sorted(range(1, n), key=lambda i: (-growth.values[i], i))[: growth.shape.budget]
+    if growth.sampler is None and growth.shape.floor > 0:  # a child's value never exceeds its parent's: still a tree
+        best = [i for i in best if growth.values[i] >= growth.shape.floor] or best[:1]
+    keep = sorted(best)
     if growth.sampler is not None and len(keep) != n - 1:
         raise RuntimeError("drawn children must never be pruned")  # frontier() keeps the tree within the budget
     order = [0] + keep  # creation order: parents before children

@@ -49,6 +49,11 @@ GREEDY_TREE_THRESHOLD = 0.1
 # 0.2 led in every chain shape of a 12-prompt sweep). Derived and separate drafts keep 0.1 (0.3 measured slower for
 # the int8 self-draft, 1.23x vs 1.26x; 0.2 not measured for them).
 FEATURE_GREEDY_TREE_THRESHOLD = 0.2
+# ... and grows a tree of 8 nodes over 4 levels (2 children a node) of which it verifies only the nodes whose path
+# value reaches the floor: 1.48x against the 4x4 chain's 1.43x (24 prompts, tau 2.15 vs 1.86; docs/benchmarks.md).
+# A fixed 8x4 tree measured 1.31x: its 8-node passes cost ~1.3 one-token steps on 2 cores.
+FEATURE_GREEDY_TREE = (8, 4)  # (budget, depth)
+FEATURE_GREEDY_TREE_FLOOR = 0.05
 SAMPLING_TREE_THRESHOLD = 0.5  # top children (rule A)
 DRAWN_TREE_THRESHOLD = 0.1  # drawn children (rule B): a trained draft measured 0.05-0.1 best (docs/benchmarks.md)
 
@@ -74,6 +79,8 @@ class GenerationStats:
     tree_budget: int = 0
     tree_depth: int = 0
     tree_threshold: float = 0.0
+    tree_floor: float = 0.0
+    nodes_per_verify: float = 0.0  # draft nodes per target verify pass (the tree after the floor)
     draft2_proposed: int = 0  # tokens the n-gram model proposed
     draft2_accepted: int = 0  # of those, tokens the draft (staged) or the target (ngram mode) kept
     draft_calls_saved: int = 0  # draft calls below depth-per-step: stage-2 chains, adaptive depth, a full budget
@@ -154,11 +161,12 @@ class Generator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  ignore_eos: bool = False, tree_budget: int | None = None,
                  tree_depth: int | None = None, tree_threshold: float | None = None,
-                 chat: bool = False, reuse_cache: bool = False, draft_choice: str = "auto") -> GenerationResult:
+                 chat: bool = False, reuse_cache: bool = False, draft_choice: str = "auto",
+                 tree_floor: float | None = None) -> GenerationResult:
         stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
                              tree_depth=tree_depth, tree_threshold=tree_threshold, chat=chat,
-                             reuse_cache=reuse_cache, draft_choice=draft_choice)
+                             reuse_cache=reuse_cache, draft_choice=draft_choice, tree_floor=tree_floor)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
@@ -168,14 +176,15 @@ class Generator:
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                ignore_eos: bool = False, tree_budget: int | None = None,
                tree_depth: int | None = None, tree_threshold: float | None = None, chat: bool = False,
-               reuse_cache: bool = False, draft_choice: str = "auto") -> TextStream:
+               reuse_cache: bool = False, draft_choice: str = "auto", tree_floor: float | None = None) -> TextStream:
         """Validate everything up front, then return a stream of text pieces (nothing runs until iterated).
 
         ``chat=True`` (or a list of {"role", "content"} messages as the prompt) formats the prompt with the bundle's
         chat template, as transformers' apply_chat_template(add_generation_prompt=True) does. ``reuse_cache=True``
         keeps the cached rows of the previous generation that the new prompt starts with (a conversation's earlier
         turns) instead of computing them again. ``draft_choice`` (sampling with a draft model, DRAFT_CHOICES):
-        children drawn from the draft ("sample") or its top tokens ("top")."""
+        children drawn from the draft ("sample") or its top tokens ("top"). ``tree_floor``: verify only tree nodes
+        whose path value (product of draft probabilities) reaches it; drawn children are never dropped."""
         if draft_choice not in DRAFT_CHOICES:
             raise InvalidArgumentError(f"unknown draft choice {draft_choice!r}; use one of {', '.join(DRAFT_CHOICES)}")
         tuned = self.tuned(sampling=temperature > 0)
@@ -183,8 +192,10 @@ class Generator:
             draft_choice = tuned.get("draft_choice", "top")  # the tuning's measurements hold for what they measured
         if mode == "auto" and tuned.get("mode"):
             mode = tuned["mode"]
-        if tree_budget is None and tree_depth is None:
-            tree_budget, tree_depth = tuned.get("tree_budget"), tuned.get("tree_depth")
+        if tree_budget is None and tree_depth is None and tuned.get("tree_budget"):
+            tree_budget, tree_depth = tuned["tree_budget"], tuned["tree_depth"]
+            if tree_floor is None:
+                tree_floor = tuned.get("tree_floor", 0.0)  # a record without one was measured without one
         if tree_threshold is None:
             tree_threshold = tuned.get("tree_threshold")
         mode = self._resolve_mode(mode, sampling=temperature > 0)
@@ -192,11 +203,16 @@ class Generator:
             prompt = self.chat_prompt_ids(prompt)
         request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
         draw = draft_choice != "top" and temperature > 0 and mode in ("speculative", "staged")
+        trained_greedy = self.vocab_map is not None and temperature == 0 and mode in ("speculative", "staged")
+        if trained_greedy and tree_budget is None and tree_depth is None:
+            tree_budget, tree_depth = FEATURE_GREEDY_TREE
+        if tree_floor is None:
+            tree_floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
         if tree_threshold is None:
             greedy = FEATURE_GREEDY_TREE_THRESHOLD if self.vocab_map is not None else GREEDY_TREE_THRESHOLD
             tree_threshold = (greedy if temperature == 0 else
                               DRAWN_TREE_THRESHOLD if draw else SAMPLING_TREE_THRESHOLD)
-        shape = tree_shape(tree_budget, tree_depth, tree_threshold)
+        shape = tree_shape(tree_budget, tree_depth, tree_threshold, tree_floor)
         stream = TextStream(iter(()))
         stream._pieces = self._run(mode, request, shape, stream, reuse_cache, draw)
         return stream
@@ -360,6 +376,8 @@ class Generator:
             tree_budget=shape.budget if tree_mode else 0,
             tree_depth=shape.depth if tree_mode else 0,
             tree_threshold=shape.threshold if tree_mode else 0.0,
+            tree_floor=shape.floor if tree_mode else 0.0,
+            nodes_per_verify=sum(log.verified) / len(log.verified) if log.verified else 0.0,
             draft2_proposed=log.stage_two.proposed,
             draft2_accepted=log.stage_two.accepted,
             draft_calls_saved=max(0, log.planned_draft_calls - draft_calls) if uses_draft else 0,
@@ -367,11 +385,11 @@ class Generator:
         )
 
 
-def tree_shape(budget: int | None, depth: int | None, threshold: float = 0.0) -> TreeShape:
+def tree_shape(budget: int | None, depth: int | None, threshold: float = 0.0, floor: float = 0.0) -> TreeShape:
     """The tree for a step: defaults where not given; a budget never below the depth unless asked for."""
     depth = DEFAULT_TREE_DEPTH if depth is None else depth
     budget = max(DEFAULT_TREE_BUDGET, depth) if budget is None else budget
-    return TreeShape(budget=budget, depth=depth, threshold=threshold)
+    return TreeShape(budget=budget, depth=depth, threshold=threshold, floor=floor)
 
 
 def _vocab_map(bundle: Bundle, entry: ModelEntry) -> np.ndarray:
