@@ -384,7 +384,8 @@ def _tree_text(tree: dict) -> str:
     if tree.get("mode") == "autoregressive":
         return ""
     floor = f" floor {tree['tree_floor']:g}" if tree.get("tree_floor") else ""
-    return f" tree {tree.get('tree_budget')}x{tree.get('tree_depth')} threshold {tree.get('tree_threshold'):g}{floor}"
+    threshold = tree.get("tree_threshold") or 0.0
+    return f" tree {tree.get('tree_budget')}x{tree.get('tree_depth')} threshold {threshold:g}{floor}"
 
 
 @app.command()

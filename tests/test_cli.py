@@ -156,6 +156,12 @@ def test_run_tree_options(gpt2_bundle):
     ar = json.loads(_ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "12",
                          "--mode", "autoregressive", "--json"]).stdout)
     assert ar["tokens"] == out["tokens"]
+    floored = json.loads(_ok(["run", "--model", str(gpt2_bundle), "--prompt", "one two", "--max-new-tokens", "12",
+                              "--mode", "speculative", "--tree-budget", "8", "--tree-depth", "4", "--tree-floor",
+                              "0.3", "--json"]).stdout)
+    assert floored["stats"]["tree_floor"] == 0.3 and floored["stats"]["nodes_per_verify"] < 8
+    assert floored["tokens"] == ar["tokens"]
+    _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--tree-floor", "1"], "floor")
 
 
 def test_bad_tree_shape(gpt2_bundle):

@@ -392,3 +392,13 @@ def test_auto_speculates_with_a_trained_draft_drawing_when_sampling(feature_bund
         FEATURE_GREEDY_TREE_FLOOR > 0
     assert sampled.tree_floor == 0.0 and (sampled.tree_budget, sampled.tree_depth) == (5, 5)
     assert gen.generate("def f1", max_new_tokens=4, mode="ngram").stats.tree_floor == 0.0
+
+
+def test_a_tuned_tree_keeps_the_floor_it_was_measured_with(feature_bundle: Path, monkeypatch):
+    gen = Generator.load(feature_bundle, provider="cpu")
+    tuned = {"mode": "speculative", "tree_budget": 6, "tree_depth": 3, "tree_threshold": 0.1}
+    for record, floor in ((tuned, 0.0), ({**tuned, "tree_floor": 0.2}, 0.2)):  # no floor recorded: measured without
+        monkeypatch.setattr(gen, "tuned", lambda sampling, record=record: {} if sampling else dict(record))
+        stats = gen.generate("def f1", max_new_tokens=6).stats
+        assert (stats.tree_budget, stats.tree_depth, stats.tree_floor) == (6, 3, floor)
+    assert gen.generate("def f1", max_new_tokens=6, tree_floor=0.4).stats.tree_floor == 0.4  # a flag wins

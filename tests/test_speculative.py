@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from specx.errors import InvalidArgumentError
-from specx.runtime import Generator
+from specx.runtime import Generator, bench
 from specx.runtime.generator import DRAWN_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD
 from specx.runtime.decoding import feed
 from specx.runtime.drafting import TokenDraft, TreeShape, _Growth, _select, grow_tree
@@ -223,7 +223,14 @@ def test_drawn_children_ignore_the_floor(generators):
     without = gen.generate("one two", **kwargs, tree_floor=0.0)
     floored = gen.generate("one two", **kwargs, tree_floor=0.5)
     assert floored.tokens == without.tokens  # same draws, same trees: nothing drawn is ever dropped
-    assert floored.stats.nodes_per_verify == without.stats.nodes_per_verify
+    assert floored.stats.nodes_per_verify == without.stats.nodes_per_verify and floored.stats.tree_floor == 0.0
+
+
+def test_tuning_tries_floors_only_where_they_act():
+    greedy = bench.candidates(["speculative", "ngram"], sampling=False)
+    floored = [c for c in greedy if c.tree_floor > 0]
+    assert floored and all(c.mode == "speculative" and c.tree_budget > c.tree_depth for c in floored)
+    assert not any(c.tree_floor for c in bench.candidates(["speculative"], sampling=True))
 
 
 def test_derived_draft_is_recorded(llama_self_bundle):

@@ -50,8 +50,9 @@ GREEDY_TREE_THRESHOLD = 0.1
 # the int8 self-draft, 1.23x vs 1.26x; 0.2 not measured for them).
 FEATURE_GREEDY_TREE_THRESHOLD = 0.2
 # ... and grows a tree of 8 nodes over 4 levels (2 children a node) of which it verifies only the nodes whose path
-# value reaches the floor: 1.48x against the 4x4 chain's 1.43x (24 prompts, tau 2.15 vs 1.86; docs/benchmarks.md).
-# A fixed 8x4 tree measured 1.31x: its 8-node passes cost ~1.3 one-token steps on 2 cores.
+# value reaches the floor (whatever the shape, unless a floor is given): 24 prompts in one process, 1.49x against
+# 1.38x for the same tree without a floor (6 nodes a pass, each ~3-5% of a step on 2 cores) and 1.47x for the 4x4
+# chain (tau 2.15 / 2.19 / 1.86; docs/benchmarks.md).
 FEATURE_GREEDY_TREE = (8, 4)  # (budget, depth)
 FEATURE_GREEDY_TREE_FLOOR = 0.05
 SAMPLING_TREE_THRESHOLD = 0.5  # top children (rule A)
@@ -208,6 +209,8 @@ class Generator:
             tree_budget, tree_depth = FEATURE_GREEDY_TREE
         if tree_floor is None:
             tree_floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
+        if draw or mode == "ngram":
+            tree_floor = 0.0  # nothing drawn is dropped; an n-gram chain is not ranked by a draft
         if tree_threshold is None:
             greedy = FEATURE_GREEDY_TREE_THRESHOLD if self.vocab_map is not None else GREEDY_TREE_THRESHOLD
             tree_threshold = (greedy if temperature == 0 else
