@@ -250,14 +250,18 @@ class Generator:
         if mode not in MODES:
             raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "auto":
-            # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower). Sampling
+            # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower with derived
+            # and separate drafts); with a trained feature draft it never won in 8 paired 24-prompt runs (0.01-0.07x
+            # behind speculative, docs/benchmarks.md). Sampling
             # with drawn children (rule B) measured faster than plain sampling with a trained feature draft
             # (1.29-1.33x) and a derived int8 one (1.12x; rule A: 1.06-1.07x and 0.78x, docs/benchmarks.md): auto
             # speculates with any draft model (stage 2 proposes nothing to drawn children, so plain speculative).
             # Without one, n-gram chains are deterministic proposals (rule A): ngram mode measured 0.97x there.
             if sampling:
                 return "speculative" if self.draft is not None else "autoregressive"
-            return "staged" if self.draft is not None else "ngram"
+            if self.draft is None:
+                return "ngram"
+            return "speculative" if self.vocab_map is not None else "staged"
         if mode in ("speculative", "staged") and self.draft is None:
             raise InvalidArgumentError(
                 f"mode {mode!r} needs a bundle with a draft model; export one with --draft, or use "
