@@ -90,8 +90,7 @@ def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], t
               new_tokens: int, report: Callable[[BenchRow], None] = lambda row: None,
               tree: dict | None = None, peers: Sequence = ()) -> list[BenchRow]:
     """``tree``: tree_budget / tree_depth / tree_threshold / tree_floor for the speculative modes (their defaults
-    otherwise);
-    ``peers`` (specx.peers.Peer): other runtimes on the same prompt ids, right after plain decoding."""
+    otherwise); ``peers`` (specx.peers.Peer): other runtimes on the same prompt ids, right after plain decoding."""
     for mode in ("autoregressive", *modes):  # warm-up: every session and code path once
         gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, mode=mode, **(tree or {}))
     warm_ids = gen.bundle.tokenizer.encode(prompts[0].text).ids

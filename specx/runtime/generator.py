@@ -193,32 +193,37 @@ class Generator:
             draft_choice = tuned.get("draft_choice", "top")  # the tuning's measurements hold for what they measured
         if mode == "auto" and tuned.get("mode"):
             mode = tuned["mode"]
-        if tree_budget is None and tree_depth is None and tuned.get("tree_budget"):
-            tree_budget, tree_depth = tuned["tree_budget"], tuned["tree_depth"]
-            if tree_floor is None:
-                tree_floor = tuned.get("tree_floor", 0.0)  # a record without one was measured without one
-        if tree_threshold is None:
-            tree_threshold = tuned.get("tree_threshold")
         mode = self._resolve_mode(mode, sampling=temperature > 0)
         if chat or (not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping)):
             prompt = self.chat_prompt_ids(prompt)
         request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
         draw = draft_choice != "top" and temperature > 0 and mode in ("speculative", "staged")
-        trained_greedy = self.vocab_map is not None and temperature == 0 and mode in ("speculative", "staged")
-        if trained_greedy and tree_budget is None and tree_depth is None:
-            tree_budget, tree_depth = FEATURE_GREEDY_TREE
-        if tree_floor is None:
-            tree_floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
-        if draw or mode == "ngram":
-            tree_floor = 0.0  # nothing drawn is dropped; an n-gram chain is not ranked by a draft
-        if tree_threshold is None:
-            greedy = FEATURE_GREEDY_TREE_THRESHOLD if self.vocab_map is not None else GREEDY_TREE_THRESHOLD
-            tree_threshold = (greedy if temperature == 0 else
-                              DRAWN_TREE_THRESHOLD if draw else SAMPLING_TREE_THRESHOLD)
-        shape = tree_shape(tree_budget, tree_depth, tree_threshold, tree_floor)
+        shape = self._tree(tuned, mode, temperature, draw, tree_budget, tree_depth, tree_threshold, tree_floor)
         stream = TextStream(iter(()))
         stream._pieces = self._run(mode, request, shape, stream, reuse_cache, draw)
         return stream
+
+    def _tree(self, tuned: dict, mode: str, temperature: float, draw: bool, budget: int | None, depth: int | None,
+              threshold: float | None, floor: float | None) -> TreeShape:
+        """The step's tree: what was asked, else what `--tune` measured, else the measured defaults."""
+        trained_greedy = self.vocab_map is not None and temperature == 0 and mode in ("speculative", "staged")
+        if budget is None and depth is None:
+            if tuned.get("tree_budget"):
+                budget, depth = tuned["tree_budget"], tuned["tree_depth"]
+                if floor is None:
+                    floor = tuned.get("tree_floor", 0.0)  # a record without one was measured without one
+            elif trained_greedy:
+                budget, depth = FEATURE_GREEDY_TREE
+        if floor is None:
+            floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
+        if draw or mode == "ngram":
+            floor = 0.0  # nothing drawn is dropped; an n-gram chain is not ranked by a draft
+        if threshold is None:
+            threshold = tuned.get("tree_threshold")
+        if threshold is None:
+            greedy = FEATURE_GREEDY_TREE_THRESHOLD if self.vocab_map is not None else GREEDY_TREE_THRESHOLD
+            threshold = (greedy if temperature == 0 else DRAWN_TREE_THRESHOLD if draw else SAMPLING_TREE_THRESHOLD)
+        return tree_shape(budget, depth, threshold, floor)
 
     def tuned(self, sampling: bool) -> dict:
         """The defaults `specx bench --tune` measured fastest on this machine (mode, tree), if any."""
