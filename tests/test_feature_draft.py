@@ -391,7 +391,8 @@ def test_auto_speculates_with_a_trained_draft_drawing_when_sampling(feature_bund
     assert (greedy.tree_budget, greedy.tree_depth) == FEATURE_GREEDY_TREE and greedy.tree_floor == \
         FEATURE_GREEDY_TREE_FLOOR > 0
     assert sampled.tree_floor == 0.0 and (sampled.tree_budget, sampled.tree_depth) == (5, 5)
-    assert gen.generate("def f1", max_new_tokens=4, mode="ngram").stats.tree_floor == 0.0
+    ngram = gen.generate("def f1", max_new_tokens=4, mode="ngram").stats
+    assert ngram.tree_floor == 0.0 and ngram.tree_threshold == 0.0  # no draft values: neither is applied
 
 
 def test_a_tuned_tree_keeps_the_floor_it_was_measured_with(feature_bundle: Path, monkeypatch):

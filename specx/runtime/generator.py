@@ -218,6 +218,8 @@ class Generator:
             floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
         if draw or mode == "ngram":
             floor = 0.0  # nothing drawn is dropped; an n-gram chain is not ranked by a draft
+        if mode == "ngram":
+            threshold = 0.0  # an n-gram chain has no draft probabilities to stop on: the depth alone bounds it
         if threshold is None:
             threshold = tuned.get("tree_threshold")
         if threshold is None:
