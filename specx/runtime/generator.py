@@ -216,10 +216,10 @@ class Generator:
                 budget, depth = FEATURE_GREEDY_TREE
         if floor is None:
             floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
-        if draw or mode == "ngram":
-            floor = 0.0  # nothing drawn is dropped; an n-gram chain is not ranked by a draft
-        if mode == "ngram":
-            threshold = 0.0  # an n-gram chain has no draft probabilities to stop on: the depth alone bounds it
+        if mode == "ngram":  # an n-gram chain has no draft values to rank or stop on: the depth alone bounds it
+            floor, threshold = 0.0, 0.0
+        elif draw:
+            floor = 0.0  # nothing drawn is dropped
         if threshold is None:
             threshold = tuned.get("tree_threshold")
         if threshold is None:
