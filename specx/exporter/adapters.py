@@ -17,7 +17,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from specx.errors import UnsupportedModelError
 from specx.graphs.decoder import DecoderFamily, DecoderWeights, LayerWeights, Linear, Norm
-from specx.runtime.manifest import ArchitectureSpec
+from specx.graphs.architecture import ArchitectureSpec
 
 _REGISTRY: dict[str, type["ArchitectureAdapter"]] = {}
 

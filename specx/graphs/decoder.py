@@ -25,7 +25,7 @@ from onnx import TensorProto
 
 from specx.graphs.builder import MS_DOMAIN, GraphBuilder
 from specx.graphs.contract import FEATURES, INPUT_IDS, LOGITS, POSITION_IDS, TREE_MASK, GraphContract
-from specx.runtime.manifest import ArchitectureSpec
+from specx.graphs.architecture import ArchitectureSpec
 
 MASK_AXIS_TOTAL = 3  # tree_mask (batch, 1, seq, total)
 SILU_ALPHA = 1.0  # QuickGelu(x, alpha) = x * sigmoid(alpha * x); alpha 1 is SiLU

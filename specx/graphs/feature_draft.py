@@ -30,7 +30,7 @@ from specx.graphs.builder import GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
 from specx.graphs.decoder import (DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs, _linear,
                                   _mlp, _norm, _skip_norm)
-from specx.runtime.manifest import ArchitectureSpec
+from specx.graphs.architecture import ArchitectureSpec
 
 DRAFT_NORM_EPS = 1e-5
 

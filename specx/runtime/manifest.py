@@ -20,31 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from specx.errors import BundleError
+from specx.graphs.architecture import ArchitectureSpec
 from specx.graphs.contract import FEATURE_DRAFT, GraphContract
 
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 DTYPES = ("fp32", "fp16", "int8", "int4")  # int8/int4: MatMulNBits weights, fp32 activations and KV
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """An architecture's figures, normalised once from its Hugging Face config by the exporter's adapter."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int
-    position_encoding: str  # "learned" | "rope"
-    tied_embeddings: bool
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchitectureSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
