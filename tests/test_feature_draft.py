@@ -265,6 +265,18 @@ def test_greedy_with_a_two_layer_draft_equals_plain_decoding(two_layer_bundle: P
         assert fast.tokens == plain.tokens, (prompt, mode)
 
 
+def test_the_default_tree_of_a_trained_draft_reaches_the_end_of_the_context(feature_bundle: Path):
+    """The default 8x4 tree (greedy) shrinks to the positions left near the end of the context (it crashed in
+    GroupQueryAttention there)."""
+    gen = Generator.load(feature_bundle, provider="cpu")
+    ids = gen.bundle.tokenizer.encode(PROMPTS[0]).ids
+    new = gen.max_positions - len(ids)
+    plain = gen.generate(ids, max_new_tokens=new, mode="autoregressive", ignore_eos=True)
+    spec = gen.generate(ids, max_new_tokens=new, mode="speculative", ignore_eos=True)
+    assert (spec.stats.tree_budget, spec.stats.tree_depth) == FEATURE_GREEDY_TREE
+    assert spec.tokens == plain.tokens and len(plain.tokens) == new
+
+
 def test_a_trained_draft_is_accepted_more_than_once_per_step(feature_bundle: Path):
     gen = Generator.load(feature_bundle, provider="cpu")
     taus = [gen.generate(p, max_new_tokens=40, mode="speculative", ignore_eos=True).stats.tokens_per_target_call

@@ -69,11 +69,12 @@ def autoregressive(target: DecoderSession, request: DecodeRequest, rng: np.rando
 class ModelDrafter:
     """Drafts with a draft model (tree speculative), optionally sped up by an n-gram proposer (staged)."""
 
-    def __init__(self, model: DraftModel, ngram: SessionNgram | None, log: StepLog):
+    def __init__(self, model: DraftModel, ngram: SessionNgram | None, log: StepLog, max_rows: int | None = None):
         self.model = model
         self.session = model.session
         self.ngram = ngram
         self.log = log
+        self.max_rows = max_rows  # the rows a draft pass may reach (the context): the tree shrinks to fit
 
     def prefilled(self, target: DecoderSession, first_position: int) -> None:
         """The target just ran the prompt from ``first_position`` on (nothing to take from it here)."""
@@ -88,9 +89,10 @@ class ModelDrafter:
         pending = np.asarray(committed[self.session.past_len:], dtype=np.int64)
         self.log.planned_draft_calls += shape.depth
         if self.ngram is None or sampler is not None:
-            return grow_tree(self.model, pending, shape, sampler=sampler)
+            return grow_tree(self.model, pending, shape, sampler=sampler, max_rows=self.max_rows)
         self.ngram.update(committed)
-        return grow_tree(self.model, pending, shape, self.ngram.propose, committed, self.log.stage_two)
+        return grow_tree(self.model, pending, shape, self.ngram.propose, committed, self.log.stage_two,
+                         max_rows=self.max_rows)
 
     def commit(self, target: DecoderSession, drafted: DraftTree, result: Acceptance, committed_len: int) -> None:
         """Keep the committed tokens and the accepted nodes the draft has processed (a prefix of the path)."""
@@ -103,8 +105,8 @@ class FeatureDrafter(ModelDrafter):
     """Drafts with a trained feature draft: its first call each step reads the target's features of the tokens
     committed since (``specx.runtime.feature_draft``)."""
 
-    def __init__(self, model: FeatureDraft, ngram: SessionNgram | None, log: StepLog):
-        super().__init__(model, ngram, log)
+    def __init__(self, model: FeatureDraft, ngram: SessionNgram | None, log: StepLog, max_rows: int | None = None):
+        super().__init__(model, ngram, log, max_rows)
         self.model: FeatureDraft = model
         self.features = FeatureLog(model.session.contract.feature_width)
 
@@ -175,7 +177,8 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
     while True:
         remaining = request.max_new_tokens - produced
         room = request.max_positions - len(committed)  # positions left after the root's
-        drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room)), sampler)
+        # the verify pass holds the root and the nodes after the committed rows: at most `room` nodes fit the graph
+        drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room), room), sampler)
         logits = verify(target, drafted)
         log.verified.append(drafted.tokens.size - 1)
         result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng, drafted.sampled)

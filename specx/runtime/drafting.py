@@ -70,10 +70,13 @@ class TreeShape:
         """Frontier size and children per processed node: budget == depth gives a chain."""
         return -(-self.budget // self.depth)
 
-    def limited(self, depth: int) -> "TreeShape":
-        depth = max(1, min(self.depth, depth))
-        return TreeShape(budget=max(depth, min(self.budget, depth * self.width)), depth=depth, threshold=self.threshold,
-                         floor=self.floor)
+    def limited(self, depth: int, nodes: int | None = None) -> "TreeShape":
+        """The shape cut to at most ``depth`` levels and ``nodes`` nodes (a one-node chain at least): near the end of
+        the context a verify pass of more nodes than positions left would not fit the graph's position tables."""
+        nodes = self.budget if nodes is None else nodes
+        depth = max(1, min(self.depth, depth, nodes))
+        budget = max(depth, min(self.budget, depth * self.width, nodes))
+        return TreeShape(budget=budget, depth=depth, threshold=self.threshold, floor=self.floor)
 
 
 @dataclass(frozen=True)
@@ -244,12 +247,14 @@ def _top(probs: np.ndarray, k: int) -> np.ndarray:
 
 def grow_tree(model: DraftModel, pending: np.ndarray, shape: TreeShape, proposer: Proposer | None = None,
               context: Sequence[int] = (), stage_two: StageTwoLog | None = None,
-              sampler: DraftSampler | None = None) -> DraftTree:
+              sampler: DraftSampler | None = None, max_rows: int | None = None) -> DraftTree:
     """Build the step's token tree.
 
     ``pending`` = committed tokens the draft has not seen yet, ending with the root; ``context`` = all committed
     tokens (what the proposer conditions on). With a ``proposer``, the draft checks proposed chains (stage 2).
-    With a ``sampler``, children are drawn from the draft (and stage 2 is skipped).
+    With a ``sampler``, children are drawn from the draft (and stage 2 is skipped). ``max_rows``: the draft's cache
+    rows a pass may reach (its context): near the end of it, a level's chains and then its frontier are cut to fit,
+    and growth stops when nothing fits (a smaller tree only proposes less; the output is unchanged).
     """
     if sampler is not None:
         proposer = None
@@ -265,19 +270,31 @@ def grow_tree(model: DraftModel, pending: np.ndarray, shape: TreeShape, proposer
         frontier = growth.frontier()
         if not frontier or growth.values[frontier[0]] < shape.threshold:  # adaptive depth: not worth a draft call
             break
-        chains = _propose(growth, frontier, proposer, context, stage_two)
+        spare = None  # rows left for stage-2 chain tokens once the frontier's own rows are counted
+        if max_rows is not None:
+            free = max_rows - draft.past_len
+            frontier = frontier[: max(free, 0)]  # the best nodes first
+            if not frontier:
+                break
+            spare = free - len(frontier)
+        chains = _propose(growth, frontier, proposer, context, stage_two, spare)
         _draft_call(model, growth, frontier, chains, stage_two)
     return _select(growth)
 
 
 def _propose(growth: _Growth, frontier: list[int], proposer: Proposer | None, context: Sequence[int],
-             log: StageTwoLog | None) -> list[list[int]]:
+             log: StageTwoLog | None, spare: int | None = None) -> list[list[int]]:
+    """A proposed chain below each frontier node; ``spare``: chain tokens the draft's cache still holds in all."""
     if proposer is None:
         return [[] for _ in frontier]
     chains = []
     for node in frontier:
         room = growth.shape.depth - growth.depths[node] - 1  # levels below the node that the tree may still use
+        if spare is not None:
+            room = min(room, spare)
         proposal = list(proposer([*context, *growth.path_tokens(node)], room))[:room] if room > 0 else []
+        if spare is not None:
+            spare -= len(proposal)
         chains.append(proposal)
         if log is not None:
             log.proposed += len(proposal)

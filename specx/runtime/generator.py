@@ -317,7 +317,7 @@ class Generator:
         elif mode == "ngram":
             tokens_iter = speculative(self.target, NgramDrafter(session_ngram, log), request, shape, rng, log)
         else:
-            drafter = self._drafter(session_ngram, log)
+            drafter = self._drafter(session_ngram, log, request.max_positions)
             tokens_iter = speculative(self.target, drafter, request, shape, rng, log, draw_children)
         decoder = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []
@@ -338,20 +338,22 @@ class Generator:
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
         stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
 
-    def _drafter(self, ngram: SessionNgram | None, log: StepLog) -> ModelDrafter:
+    def _drafter(self, ngram: SessionNgram | None, log: StepLog, max_rows: int) -> ModelDrafter:
         if self.vocab_map is not None:
-            return FeatureDrafter(FeatureDraft(self.draft, self.vocab_map), ngram, log)
-        return ModelDrafter(TokenDraft(self.draft), ngram, log)
+            return FeatureDrafter(FeatureDraft(self.draft, self.vocab_map), ngram, log, max_rows)
+        return ModelDrafter(TokenDraft(self.draft), ngram, log, max_rows)
 
     def _reserve(self, mode: str, request: DecodeRequest, shape: TreeShape) -> None:
         """Allocate the caches once, before any pass: committed tokens plus the largest pass's extra rows (a tree
-        verification for the target; every node and stage-2 chain token of one step's draft calls for the draft)."""
+        verification for the target; every node and stage-2 chain token of one step's draft calls for the draft),
+        never more than the context: trees shrink near its end to what it holds."""
         tokens = len(request.prompt_ids) + request.max_new_tokens
         tree_rows = shape.budget + 1 if mode != "autoregressive" else 0
         needs = [(self.target, tokens + tree_rows)]
         if self.draft is not None and mode in ("speculative", "staged"):
             needs.append((self.draft, tokens + shape.depth * shape.width * (shape.depth + 1) + 1))
-        for session, rows in needs:
+        for session, wanted in needs:
+            rows = min(wanted, request.max_positions)
             if rows > session.capacity:
                 session.reset()  # a larger cache is a new allocation: nothing to reuse
             session.reserve(rows)
