@@ -91,3 +91,56 @@ def save_trained_llama(path: Path, steps: int = 150, seed: int = 3) -> Path:
     model.eval()
     model.save_pretrained(path)
     return path
+
+
+VOCAB_PADDING = 16  # embedding rows beyond the tokenizer, as real checkpoints pad (room for tokens a family's
+                   # tokenizer class adds, e.g. qwen2's <|endoftext|>)
+WINDOW = 6  # sliding windows much shorter than the tests' contexts (export validation alone spans 16 positions)
+
+# Tiny configs of every family specx exports, with the variants that change the graph. Shared by all: 2 layers,
+# hidden 64, 4 heads over 2 KV heads, the tiny vocabulary and context.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "qwen2": ("qwen2", {}),  # q/k/v biases
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                   tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=True)),  # q/k norms, head_dim apart from hidden/heads
+    "mistral": ("mistral", dict(sliding_window=WINDOW)),
+    "phi3": ("phi3", dict(partial_rotary_factor=0.5, sliding_window=48, original_max_position_embeddings=32,
+                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                        "long_factor": [2.0, 4.0, 8.0, 16.0]})),
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                              attn_logit_softcapping=4.0, final_logit_softcapping=8.0,
+                              hidden_activation="gelu_pytorch_tanh")),
+    "gemma3_text": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        rope_local_base_freq=100.0, hidden_activation="gelu_pytorch_tanh")),
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),  # layer 1 without rotary positions
+    "llama-hd12": ("llama", dict(hidden_size=48, head_dim=12)),  # a head size GroupQueryAttention refuses
+}
+
+
+def save_family(path: Path, variant: str, seed: int = 7) -> Path:
+    """A tiny random checkpoint of ``FAMILIES[variant]`` with a tokenizer, saved to ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides = FAMILIES[variant]
+    tok = train_tokenizer(["<s>", "</s>"])
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hidden = overrides.get("hidden_size", 64)
+    settings = dict(vocab_size=VOCAB + VOCAB_PADDING, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                    tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+                    initializer_range=INIT_RANGE)
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if model_type.startswith("gemma"):  # gemma's norms start at 0 (scale 1): vary them, or (1 + w) goes untested
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.normal_(0.0, INIT_RANGE)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

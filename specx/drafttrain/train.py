@@ -91,8 +91,9 @@ def _copy_layer(into: DraftLayer, layer, spec) -> None:
 
 
 def _rope_tables(weights, head_dim: int, positions: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    """The target's rotary tables where it has them, else the standard ones."""
-    if weights.rope_cos is not None:
+    """The target's rotary tables where it has full-width ones, else the standard ones (the draft rotates every
+    dim of its heads: a partial-rotary target's table is too narrow)."""
+    if weights.rope_cos is not None and weights.rope_cos.shape[1] * 2 == head_dim:
         return weights.rope_cos, weights.rope_sin
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     angles = np.arange(positions)[:, None] * inv[None]

@@ -55,13 +55,14 @@ def torch_tree_pass(wrapper: TreeDecoder, contract: GraphContract, prefix: np.nd
 
 
 def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contract: GraphContract, path: Path,
-                     dtype: str, seed: int = 0, enforce: bool = True) -> Parity:
+                     dtype: str, seed: int = 0, enforce: bool = True, past: int = VALIDATION_PAST,
+                     nodes: int = VALIDATION_TREE_NODES) -> Parity:
     """Max |ORT - torch| logit difference on a random tree after a prefix, ORT run through the runtime's own static
     cache session; above tolerance is an ExportError when ``enforce`` (quantized graphs are measured, not held to
     the tolerance)."""
     rng = np.random.default_rng(seed)
-    prefix = rng.integers(0, contract.vocab_size, VALIDATION_PAST).astype(np.int64)
-    tree = random_tree(VALIDATION_TREE_NODES, rng)
+    prefix = rng.integers(0, contract.vocab_size, past).astype(np.int64)
+    tree = random_tree(nodes, rng)
     tokens = rng.integers(0, contract.vocab_size, tree.size).astype(np.int64)
     wrapper = TreeDecoder(model, adapter).eval()
     reference = torch_tree_pass(wrapper, contract, prefix, tokens, tree)

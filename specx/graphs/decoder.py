@@ -1,17 +1,22 @@
-"""Fused tree-attention decoder graphs, built directly from the weights (llama and gpt2 families).
+"""Fused tree-attention decoder graphs, built directly from the weights (gpt2, llama and the families built on them).
 
 One graph per model, the contract of ``specx.graphs.contract`` (static KV: past and present are the same
 (batch, kv_heads, capacity, head_dim) buffers, written in place), about a dozen ONNX Runtime nodes per layer::
 
-    input_ids --Gather(embed)--(+ Gather(pos_embed, position_ids): learned positions)--> h
+    input_ids --Gather(embed)--(x embed_scale)--(+ Gather(pos_embed, position_ids): learned positions)--> h
     tree_mask --Where(0, -inf)--> attention_bias       Shape(tree_mask)[3] --> total_sequence_length, seqlens_k
-    layer i:   SkipNorm(h, residual) -> x ---- attention(x) ---> a      MatMul(qkv), GroupQueryAttention, MatMul(o)
-               SkipNorm(a, residual) -> x ---- mlp(x) ---------> h      MatMul(gate), MatMul(up), act, Mul, MatMul
-    SkipNorm(h, residual) -> MatMul(lm_head) -> logits
+              --And(window: key position > query position - W)--Where--> one more bias per sliding window
+    layer i:   SkipNorm(h, residual) -> x ---- attention(x) ---> a  [-> Norm(a): sandwich families]
+               SkipNorm(a, residual) -> x ---- mlp(x) ---------> h  [-> Norm(h): sandwich families]
+    SkipNorm(h, residual) -> MatMul(lm_head) [-> Div, Tanh, Mul: final softcap] -> logits
     Concat(inputs of the contract's feature layers) -> features           (targets of a feature draft only)
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
 that feed a residual (o_proj, down_proj) ride in the following SkipNorm's bias input.
+
+What differs between families lives in two small records the adapter fills once: ``DecoderFamily`` (norm kind,
+MLP kind, embedding scale, q/k norms, sandwich norms, attention scale and softcaps, partial rotary, and per layer its
+sliding window and rotary table) and ``DecoderWeights`` (the arrays). Each feature is one block below.
 """
 
 from __future__ import annotations
@@ -30,15 +35,19 @@ from specx.graphs.architecture import ArchitectureSpec
 MASK_AXIS_TOTAL = 3  # tree_mask (batch, 1, seq, total)
 SILU_ALPHA = 1.0  # QuickGelu(x, alpha) = x * sigmoid(alpha * x); alpha 1 is SiLU
 ROTARY_IN_ATTENTION_MULTIPLE = 16  # GroupQueryAttention's do_rotary needs head_dim % 16 == 0 (CPU kernel)
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention refuses other head sizes; those take ONNX's Attention op instead
+ONNX_ATTENTION_OPSET = 24  # Attention (opset 23) with TensorScatter (24) writing the static cache in place
+KV_AXIS = 2  # (batch, kv_heads, capacity, head_dim)
+GLOBAL_ROPE, LOCAL_ROPE = "global", "local"  # the rotary tables a layer may read
 
 NormKind = Literal["rms", "layer"]
-MlpKind = Literal["swiglu", "gelu_tanh"]
+MlpKind = Literal["swiglu", "geglu_tanh", "gelu_tanh"]
 HeadKind = Literal["shared", "own"]
 
 
 @dataclass(frozen=True)
 class Norm:
-    weight: np.ndarray  # (hidden,)
+    weight: np.ndarray  # (hidden,): gemma's (1 + weight) already added by the adapter
     bias: np.ndarray | None = None  # LayerNorm's beta; None for RMSNorm
 
 
@@ -54,9 +63,13 @@ class LayerWeights:
     qkv: Linear  # (hidden, (heads + 2 * kv_heads) * head_dim): q, k, v packed in that order
     o: Linear  # (heads * head_dim, hidden)
     mlp_norm: Norm
-    up: Linear  # (hidden, ffn): swiglu's up projection, gelu's fc
+    up: Linear  # (hidden, ffn): gated MLPs' up projection, gelu's fc
     down: Linear  # (ffn, hidden)
-    gate: Linear | None = None  # (hidden, ffn): swiglu only
+    gate: Linear | None = None  # (hidden, ffn): gated MLPs only
+    q_norm: Norm | None = None  # (head_dim,) per-head RMSNorm of q and k before rotary (qwen3, gemma3)
+    k_norm: Norm | None = None
+    attn_out_norm: Norm | None = None  # sandwich norms (gemma2/3): the attention's and the MLP's outputs normed
+    mlp_out_norm: Norm | None = None  # before they meet the residual
 
 
 @dataclass(frozen=True)
@@ -66,8 +79,19 @@ class DecoderWeights:
     final_norm: Norm
     lm_head: np.ndarray | None  # (hidden, vocab); None: tied to the embedding
     pos_embed: np.ndarray | None = None  # (max_positions, hidden), learned positions
-    rope_cos: np.ndarray | None = None  # (max_positions, head_dim / 2), rotary positions
+    rope_cos: np.ndarray | None = None  # (max_positions, rotary_dim / 2), the global rotary table
     rope_sin: np.ndarray | None = None
+    rope_local_cos: np.ndarray | None = None  # the sliding layers' own table (gemma3: another rope base)
+    rope_local_sin: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one layer attends: its sliding window (a token sees the keys at positions > its own - window; None: all)
+    and the rotary table it reads (GLOBAL_ROPE, LOCAL_ROPE, or None: no positions at all, NoPE)."""
+
+    window: int | None = None
+    rope: str | None = GLOBAL_ROPE
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,21 @@ class DecoderFamily:
     norm: NormKind
     norm_eps: float
     mlp: MlpKind
+    embed_scale: float = 1.0  # gemma: sqrt(hidden)
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    attn_scale: float | None = None  # None: head_dim ** -0.5 (gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float = 0.0  # cap * tanh(scores / cap) before the mask (gemma2); 0: none
+    final_softcap: float = 0.0  # the same on the logits
+    rotary_dim: int | None = None  # partial rotary (phi3): the leading dims of each head rotated; None: all
+    layers: tuple[LayerKind, ...] = ()  # one per layer; empty: every layer global, full attention
+
+    def layer(self, i: int) -> LayerKind:
+        return self.layers[i] if self.layers else LayerKind()
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return tuple(sorted({k.window for k in self.layers if k.window is not None}))
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,22 @@ class _Attention:
     bias: str  # (batch, 1, seq, total) additive: 0 where the tree mask allows, the dtype's minimum elsewhere
     seqlens_k: str  # (batch,) int32: total - 1
     total_length: str  # () int32: past + seq
+    window_bias: dict[int, str]  # window -> the bias with the sliding window applied too
+    past_length: str = ""  # (batch,) int64: rows already committed (the ONNX Attention path writes there)
+    rows_past: str = ""  # (1,) int64: the same, as Slice's end (the ONNX Attention path)
+
+    def bias_for(self, kind: LayerKind) -> str:
+        return self.bias if kind.window is None else self.window_bias[kind.window]
+
+
+def uses_gqa(arch: ArchitectureSpec) -> bool:
+    """GroupQueryAttention where it takes the head size; ONNX's Attention op (opset 24) elsewhere."""
+    return arch.head_dim % GQA_HEAD_MULTIPLE == 0
+
+
+def graph_opset(arch: ArchitectureSpec, opset: int) -> int:
+    """The opset a decoder of ``arch`` is built with: the one asked, raised where the attention path needs it."""
+    return opset if uses_gqa(arch) else max(opset, ONNX_ATTENTION_OPSET)
 
 
 def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: DecoderWeights, contract: GraphContract,
@@ -93,26 +148,28 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     """The decoder graph. ``head="own"`` gives a tied model its own transposed lm_head copy (quantizable)."""
     float_dtype = "float16" if contract.kv_dtype == "float16" else "float32"
     b = GraphBuilder("specx_decoder", float_dtype)
-    attention = _attention_inputs(b, float_dtype)
-    h = _embeddings(b, arch, weights)
+    attention = _attention_inputs(b, float_dtype, family.windows)
+    h = _embeddings(b, arch, family, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
     for i, layer in enumerate(weights.layers):
         prefix = f"/model/layers.{i}"
         layer_inputs.append(residual)
-        a = _attention(b, i, arch, weights, layer, attention, x)
-        x, residual = _skip_norm(b, f"{prefix}/post_attention_layernorm", family, layer.mlp_norm, a, residual,
-                                 layer.o.bias)
+        a = _attention(b, i, arch, family, layer, attention, x, _rope_tables(weights))
+        a, o_bias = _sandwich(b, f"{prefix}/post_attention_layernorm", family, layer.attn_out_norm, a, layer.o)
+        mlp_norm = "pre_feedforward_layernorm" if family.sandwich_norms else "post_attention_layernorm"
+        x, residual = _skip_norm(b, f"{prefix}/{mlp_norm}", family, layer.mlp_norm, a, residual, o_bias)
         h = _mlp(b, f"{prefix}/mlp", family, layer, x)
+        h, down_bias = _sandwich(b, f"{prefix}/post_feedforward_layernorm", family, layer.mlp_out_norm, h, layer.down)
         if i + 1 < len(weights.layers):
             x, residual = _skip_norm(b, f"/model/layers.{i + 1}/input_layernorm", family,
-                                     weights.layers[i + 1].attn_norm, h, residual, layer.down.bias)
-    x, _ = _skip_norm(b, "/model/norm", family, weights.final_norm, h, residual, weights.layers[-1].down.bias)
-    logits = _lm_head(b, weights, x, head, float_dtype)
+                                     weights.layers[i + 1].attn_norm, h, residual, down_bias)
+    x, _ = _skip_norm(b, "/model/norm", family, weights.final_norm, h, residual, down_bias)
+    logits = _lm_head(b, family, weights, x, head, float_dtype)
     b.rename_output(logits, LOGITS)
     if contract.feature_layers:
         _features(b, [layer_inputs[k] for k in contract.feature_layers], float_dtype)
-    return b.model(contract.inputs, contract.outputs, opset)
+    return b.model(contract.inputs, contract.outputs, graph_opset(arch, opset))
 
 
 def _features(b: GraphBuilder, layer_inputs: list[str], float_dtype: str) -> None:
@@ -123,8 +180,9 @@ def _features(b: GraphBuilder, layer_inputs: list[str], float_dtype: str) -> Non
     b.rename_output(features, FEATURES)
 
 
-def _attention_inputs(b: GraphBuilder, float_dtype: str) -> _Attention:
-    """tree_mask (batch, 1, seq, total) bool -> additive bias, seqlens_k = total - 1 per batch row, total length."""
+def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...] = ()) -> _Attention:
+    """tree_mask (batch, 1, seq, total) bool -> additive bias, seqlens_k = total - 1 per batch row, total length, the
+    committed length; and one bias per sliding window."""
     zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
     blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
     bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, total)
@@ -136,13 +194,54 @@ def _attention_inputs(b: GraphBuilder, float_dtype: str) -> _Attention:
                  "/model/attn_mask/seqlens_k/Sub")
     batch = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/batch/Shape", end=1)  # (1,)
     seqlens = b.op1("Expand", [last, batch], "/model/attn_mask/seqlens_k/Expand")  # (batch,) int32
-    return _Attention(bias, seqlens, total32)
+    seq = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/seq/Shape", start=1, end=2)  # (1,)
+    past = b.op1("Sub", [total, seq], "/model/attn_mask/past/Sub")  # (1,) int64: committed rows
+    past_length = b.op1("Expand", [past, batch], "/model/attn_mask/past/Expand")  # (batch,)
+    window_bias = {}
+    if windows:
+        distance = _query_key_distance(b, past, batch)
+        window_bias = {w: _window_bias(b, w, distance, zero, blocked) for w in windows}
+    return _Attention(bias, seqlens, total32, window_bias, past_length, past)
 
 
-def _embeddings(b: GraphBuilder, arch: ArchitectureSpec, weights: DecoderWeights) -> str:
-    """input_ids (batch, seq) -> hidden (batch, seq, hidden), plus learned positions where the family has them."""
+def _query_key_distance(b: GraphBuilder, past: str, batch: str) -> str:
+    """pos(query) - pos(key), (batch, 1, seq, total): committed rows sit at their row index, this pass's rows at
+    their tree positions.
+
+        Range(past) -Expand-> (batch, past) -Concat(position_ids)-> keys (batch, total)
+        position_ids[:, None, :, None] - keys[:, None, None, :]
+    """
+    p = "/model/attn_mask/distance"
+    stop = b.op1("Squeeze", [past], f"{p}/rows/Squeeze")  # () int64
+    rows = b.op1("Range", [b.constant("/model/constants/zero_i64", np.array(0, np.int64)), stop,
+                           b.constant("/model/constants/one_i64", np.array(1, np.int64))], f"{p}/rows/Range")
+    shape = b.op1("Concat", [batch, past], f"{p}/rows/Concat", axis=0)
+    committed = b.op1("Expand", [rows, shape], f"{p}/rows/Expand")  # (batch, past)
+    keys = b.op1("Concat", [committed, POSITION_IDS], f"{p}/keys/Concat", axis=1)  # (batch, total)
+    keys = b.op1("Unsqueeze", [keys, b.constant("/model/constants/axes_1_2", np.array([1, 2], np.int64))],
+                 f"{p}/keys/Unsqueeze")  # (batch, 1, 1, total)
+    queries = b.op1("Unsqueeze", [POSITION_IDS, b.constant("/model/constants/axes_1_3", np.array([1, 3], np.int64))],
+                    f"{p}/queries/Unsqueeze")  # (batch, 1, seq, 1)
+    return b.op1("Sub", [queries, keys], f"{p}/Sub")
+
+
+def _window_bias(b: GraphBuilder, window: int, distance: str, zero: str, blocked: str) -> str:
+    """The tree bias with a sliding window: a query sees a key only if pos(query) - pos(key) < window."""
+    prefix = f"/model/attn_mask/window_{window}"
+    near = b.op1("Less", [distance, b.constant(f"/model/constants/window_{window}", np.array(window, np.int64))],
+                 f"{prefix}/Less")
+    allowed = b.op1("And", [TREE_MASK, near], f"{prefix}/And")
+    return b.op1("Where", [allowed, zero, blocked], f"{prefix}/Where")
+
+
+def _embeddings(b: GraphBuilder, arch: ArchitectureSpec, family: DecoderFamily, weights: DecoderWeights) -> str:
+    """input_ids (batch, seq) -> hidden (batch, seq, hidden), scaled (gemma), plus learned positions where the family
+    has them."""
     embed = b.weight("model.embed_tokens.weight", weights.embed)
     h = b.op1("Gather", [embed, INPUT_IDS], "/model/embed_tokens/Gather")
+    if family.embed_scale != 1.0:
+        scale = b.weight("model.embed_tokens.scale", np.array(family.embed_scale, np.float32))
+        h = b.op1("Mul", [h, scale], "/model/embed_tokens/Mul")
     if arch.position_encoding == "learned":
         table = b.weight("model.embed_positions.weight", weights.pos_embed)
         pos = b.op1("Gather", [table, POSITION_IDS], "/model/embed_positions/Gather")
@@ -150,17 +249,20 @@ def _embeddings(b: GraphBuilder, arch: ArchitectureSpec, weights: DecoderWeights
     return h
 
 
-def _norm(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm, x: str) -> tuple[str, str]:
-    """The first layer's norm (no skip input); returns (normed, residual = x)."""
+def _plain_norm(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm, x: str) -> str:
+    """RMSNorm or LayerNorm over the last axis, no residual."""
     gamma = b.weight(_param(prefix, "weight"), norm.weight)
     if family.norm == "rms":
-        out = b.op1("SimplifiedLayerNormalization", [x, gamma], f"{prefix}/SimplifiedLayerNorm", axis=-1,
-                    epsilon=family.norm_eps, stash_type=1)
-    else:
-        beta = b.weight(_param(prefix, "bias"), norm.bias)
-        out = b.op1("LayerNormalization", [x, gamma, beta], f"{prefix}/LayerNorm", axis=-1, epsilon=family.norm_eps,
-                    stash_type=1)
-    return out, x
+        return b.op1("SimplifiedLayerNormalization", [x, gamma], f"{prefix}/SimplifiedLayerNorm", axis=-1,
+                     epsilon=family.norm_eps, stash_type=1)
+    beta = b.weight(_param(prefix, "bias"), norm.bias)
+    return b.op1("LayerNormalization", [x, gamma, beta], f"{prefix}/LayerNorm", axis=-1, epsilon=family.norm_eps,
+                 stash_type=1)
+
+
+def _norm(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm, x: str) -> tuple[str, str]:
+    """The first layer's norm (no skip input); returns (normed, residual = x)."""
+    return _plain_norm(b, prefix, family, norm, x), x
 
 
 def _skip_norm(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm, x: str, skip: str,
@@ -179,6 +281,17 @@ def _skip_norm(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm, 
     return out[0], out[3]
 
 
+def _sandwich(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm | None, x: str,
+              projection: Linear) -> tuple[str, np.ndarray | None]:
+    """A sandwich family's output norm (x + bias normed before the residual); returns (x, the bias still owed to the
+    next SkipNorm). Without one: x untouched, its projection's bias owed."""
+    if norm is None:
+        return x, projection.bias
+    if projection.bias is not None:
+        x = b.op1("Add", [x, b.weight(_param(prefix, "input_bias"), projection.bias)], f"{prefix}/Add")
+    return _plain_norm(b, prefix, family, norm, x), None
+
+
 def _linear(b: GraphBuilder, prefix: str, linear: Linear, x: str, with_bias: bool = True) -> str:
     out = b.op1("MatMul", [x, b.weight(_param(prefix, "weight"), linear.weight)], f"{prefix}/MatMul")
     if with_bias and linear.bias is not None:
@@ -186,62 +299,160 @@ def _linear(b: GraphBuilder, prefix: str, linear: Linear, x: str, with_bias: boo
     return out
 
 
-def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, weights: DecoderWeights, layer: LayerWeights,
-               attention: _Attention, x: str) -> str:
-    """Packed QKV, rotary with the tree's positions (rope families), GroupQueryAttention over the static cache with
-    the tree bias, output projection.
+RopeTables = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _rope_tables(weights: DecoderWeights) -> RopeTables:
+    tables = {}
+    if weights.rope_cos is not None:
+        tables[GLOBAL_ROPE] = (weights.rope_cos, weights.rope_sin)
+    if weights.rope_local_cos is not None:
+        tables[LOCAL_ROPE] = (weights.rope_local_cos, weights.rope_local_sin)
+    return tables
+
+
+def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, family: DecoderFamily, layer: LayerWeights,
+               attention: _Attention, x: str, tables: RopeTables) -> str:
+    """Packed QKV, q/k norms, rotary with the tree's positions, attention over the static cache with the tree (and
+    window) bias, output projection.
 
         x -> MatMul(qkv) [+bias] -> qkv                     (batch, seq, (heads + 2 kv_heads) * hd), packed
         GroupQueryAttention(qkv, -, -, past_k, past_v, seqlens_k, total, cos, sin, position_ids, attention_bias)
-            rotary inside the kernel at position_ids (tree positions, not seqlens) where head_dim % 16 == 0;
-            otherwise Split -> RotaryEmbedding(q), RotaryEmbedding(k) -> GroupQueryAttention(q, k, v, ...)
+            rotary inside the kernel at position_ids (tree positions, not seqlens) where it can (full rotary,
+            head_dim % 16 == 0, no q/k norms); otherwise Split -> [SimplifiedLayerNorm per head (q, k)] ->
+            RotaryEmbedding(q), RotaryEmbedding(k) [partial: rotary_embedding_dim] -> attention(q, k, v)
             -> (batch, seq, heads*hd); present_k/v written in place at rows [total - seq, total)
+            head sizes GroupQueryAttention refuses: TensorScatter(k, v into the cache) -> Attention (ONNX op)
         -> MatMul(o_proj)                                   its bias goes to the next SkipNorm
     """
     prefix = f"/model/layers.{i}"
+    kind = family.layer(i)
     qkv = _linear(b, f"{prefix}/attn/qkv_proj", layer.qkv, x)
-    q, k, v, cos, sin, positions, rotary = qkv, "", "", "", "", "", 0
-    if arch.position_encoding == "rope":
-        cos = _shared_weight(b, "model.rotary.cos_cache", weights.rope_cos)
-        sin = _shared_weight(b, "model.rotary.sin_cache", weights.rope_sin)
-        if arch.head_dim % ROTARY_IN_ATTENTION_MULTIPLE == 0:
-            positions, rotary = POSITION_IDS, 1
-        else:
-            q, k, v = _split_rotary(b, prefix, arch, qkv, cos, sin)
-            cos = sin = ""
+    rope = _rope_inputs(b, arch, kind, tables)
+    fused_rotary = (rope is not None and uses_gqa(arch) and not family.qk_norm
+                    and arch.head_dim % ROTARY_IN_ATTENTION_MULTIPLE == 0
+                    and family.rotary_dim in (None, arch.head_dim))
+    if fused_rotary or (rope is None and uses_gqa(arch) and not family.qk_norm):
+        q, k, v = qkv, "", ""
+    else:
+        q, k, v = _split_qkv(b, prefix, arch, qkv)
+        if family.qk_norm:
+            q = _head_norm(b, f"{prefix}/attn/q_norm", family, layer.q_norm, q, arch.num_heads, arch.head_dim)
+            k = _head_norm(b, f"{prefix}/attn/k_norm", family, layer.k_norm, k, arch.num_kv_heads, arch.head_dim)
+        if rope is not None:
+            q = _rotary(b, f"{prefix}/attn/q_rotary", family, q, rope, arch.num_heads)
+            k = _rotary(b, f"{prefix}/attn/k_rotary", family, k, rope, arch.num_kv_heads)
+    bias = attention.bias_for(kind)
+    scale = float(family.attn_scale if family.attn_scale is not None else arch.head_dim ** -0.5)
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-    out, present_k, present_v = b.op(
-        "GroupQueryAttention",
-        [q, k, v, past_k, past_v, attention.seqlens_k, attention.total_length, cos, sin, positions, attention.bias],
-        f"{prefix}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, num_heads=arch.num_heads,
-        kv_num_heads=arch.num_kv_heads, scale=float(arch.head_dim ** -0.5), do_rotary=rotary, rotary_interleaved=0)
+    if uses_gqa(arch):
+        cos, sin = rope if fused_rotary and rope is not None else ("", "")
+        out, present_k, present_v = b.op(
+            "GroupQueryAttention",
+            [q, k, v, past_k, past_v, attention.seqlens_k, attention.total_length, cos, sin,
+             POSITION_IDS if fused_rotary else "", bias],
+            f"{prefix}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, num_heads=arch.num_heads,
+            kv_num_heads=arch.num_kv_heads, scale=scale, softcap=float(family.attn_softcap),
+            do_rotary=int(fused_rotary), rotary_interleaved=0)
+    else:
+        out, present_k, present_v = _onnx_attention(b, prefix, arch, family, attention, q, k, v, past_k, past_v,
+                                                    bias, scale)
     b.rename_output(present_k, f"present.{i}.key")
     b.rename_output(present_v, f"present.{i}.value")
     return _linear(b, f"{prefix}/attn/o_proj", layer.o, out, with_bias=False)
 
 
-def _split_rotary(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, qkv: str, cos: str,
-                  sin: str) -> tuple[str, str, str]:
-    """qkv -> Split -> RotaryEmbedding(q), RotaryEmbedding(k), v: for head sizes the fused kernel does not take."""
+def _rope_inputs(b: GraphBuilder, arch: ArchitectureSpec, kind: LayerKind,
+                 tables: RopeTables) -> tuple[str, str] | None:
+    """The layer's (cos, sin) cache initializers, or None for a layer without rotary positions."""
+    if arch.position_encoding != "rope" or kind.rope is None:
+        return None
+    if kind.rope not in tables:
+        raise ValueError(f"the {kind.rope} rotary table is required for this layer")
+    cos, sin = tables[kind.rope]
+    name = "model.rotary" if kind.rope == GLOBAL_ROPE else f"model.rotary_{kind.rope}"
+    return _shared_weight(b, f"{name}.cos_cache", cos), _shared_weight(b, f"{name}.sin_cache", sin)
+
+
+def _split_qkv(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, qkv: str) -> tuple[str, str, str]:
     q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     sizes = b.constant(_param(prefix, "attn.qkv_sizes"), np.array([q_size, kv_size, kv_size], np.int64))
     q, k, v = b.op("Split", [qkv, sizes], f"{prefix}/attn/qkv_proj/Split", outputs=3, axis=-1)
-    q = b.op1("RotaryEmbedding", [q, POSITION_IDS, cos, sin], f"{prefix}/attn/q_rotary/RotaryEmbedding",
-              domain=MS_DOMAIN, num_heads=arch.num_heads, interleaved=0)
-    k = b.op1("RotaryEmbedding", [k, POSITION_IDS, cos, sin], f"{prefix}/attn/k_rotary/RotaryEmbedding",
-              domain=MS_DOMAIN, num_heads=arch.num_kv_heads, interleaved=0)
     return q, k, v
+
+
+def _head_norm(b: GraphBuilder, prefix: str, family: DecoderFamily, norm: Norm | None, x: str, heads: int,
+               head_dim: int) -> str:
+    """Per-head RMSNorm: (batch, seq, heads * hd) -Reshape-> (batch, seq, heads, hd) -Norm-> -Reshape-> back."""
+    if norm is None:
+        raise ValueError(f"{prefix}: q/k norm weights are required for this family")
+    split = b.constant(_param(prefix, "head_shape"), np.array([0, 0, heads, head_dim], np.int64))
+    merged = b.constant(_param(prefix, "flat_shape"), np.array([0, 0, heads * head_dim], np.int64))
+    heads_x = b.op1("Reshape", [x, split], f"{prefix}/Reshape")
+    normed = _plain_norm(b, prefix, family, norm, heads_x)
+    return b.op1("Reshape", [normed, merged], f"{prefix}/Reshape_1")
+
+
+def _rotary(b: GraphBuilder, prefix: str, family: DecoderFamily, x: str, rope: tuple[str, str], heads: int) -> str:
+    """RotaryEmbedding over (batch, seq, heads * hd) at the tree's positions; partial rotary rotates the leading
+    ``rotary_dim`` dims of each head."""
+    partial = {"rotary_embedding_dim": family.rotary_dim} if family.rotary_dim else {}
+    return b.op1("RotaryEmbedding", [x, POSITION_IDS, *rope], f"{prefix}/RotaryEmbedding", domain=MS_DOMAIN,
+                 num_heads=heads, interleaved=0, **partial)
+
+
+def _onnx_attention(b: GraphBuilder, prefix: str, arch: ArchitectureSpec, family: DecoderFamily,
+                    attention: _Attention, q: str, k: str, v: str, past_k: str, past_v: str, bias: str,
+                    scale: float) -> tuple[str, str, str]:
+    """Attention for head sizes GroupQueryAttention refuses, same contract (static cache written in place)::
+
+        q, k, v (batch, seq, heads * hd) -Reshape-Transpose-> (batch, heads, seq, hd)
+        TensorScatter(past_k, k, write_indices = committed length) -> present_k   (the same buffer, in place)
+        Concat(Slice(past_k, rows [0, past)), k) -> keys (batch, kv_heads, total, hd); values alike
+        (read from the input, not from TensorScatter's output: ORT 1.31 fails a Slice of that output)
+        Attention(q, keys, values, bias; q_num_heads, kv_num_heads, scale, softcap) -> (batch, heads, seq, hd)
+        -Transpose-Reshape-> (batch, seq, heads * hd)
+    """
+    p = f"{prefix}/attn"
+    q4 = _to_heads(b, f"{p}/q", q, arch.num_heads, arch.head_dim)
+    presents, cached = [], []
+    for name, x, past in (("k", k, past_k), ("v", v, past_v)):
+        x4 = _to_heads(b, f"{p}/{name}", x, arch.num_kv_heads, arch.head_dim)  # (batch, kv_heads, seq, hd)
+        presents.append(b.op1("TensorScatter", [past, x4, attention.past_length], f"{p}/{name}_cache/TensorScatter",
+                              axis=KV_AXIS))  # the cache, this pass's rows written at [past, total)
+        committed = b.op1("Slice", [past, _shared_const(b, "/model/constants/zero_1", np.array([0], np.int64)),
+                                    attention.rows_past, _shared_const(b, "/model/constants/kv_axis",
+                                                                       np.array([KV_AXIS], np.int64))],
+                          f"{p}/{name}_cache/Slice")  # (batch, kv_heads, past, hd)
+        cached.append(b.op1("Concat", [committed, x4], f"{p}/{name}_cache/Concat", axis=KV_AXIS))  # (.., total, hd)
+    out = b.op1("Attention", [q4, cached[0], cached[1], bias], f"{p}/Attention", q_num_heads=arch.num_heads,
+                kv_num_heads=arch.num_kv_heads, scale=scale, softcap=float(family.attn_softcap))
+    out = b.op1("Transpose", [out], f"{p}/out/Transpose", perm=[0, 2, 1, 3])  # (batch, seq, heads, hd)
+    flat = _shared_const(b, f"/model/constants/flat_{arch.num_heads * arch.head_dim}",
+                         np.array([0, 0, arch.num_heads * arch.head_dim], np.int64))
+    return b.op1("Reshape", [out, flat], f"{p}/out/Reshape"), presents[0], presents[1]
+
+
+def _to_heads(b: GraphBuilder, prefix: str, x: str, heads: int, head_dim: int) -> str:
+    """(batch, seq, heads * hd) -> (batch, heads, seq, hd)."""
+    shape = _shared_const(b, f"/model/constants/heads_{heads}x{head_dim}", np.array([0, 0, heads, head_dim], np.int64))
+    x = b.op1("Reshape", [x, shape], f"{prefix}/Reshape")
+    return b.op1("Transpose", [x], f"{prefix}/Transpose", perm=[0, 2, 1, 3])
 
 
 def _mlp(b: GraphBuilder, prefix: str, family: DecoderFamily, layer: LayerWeights, x: str) -> str:
     """swiglu: MatMul(gate), MatMul(up) -> QuickGelu(gate, 1) * up -> MatMul(down)
+    geglu_tanh: the same with FastGelu(gate) (gemma)
     gelu_tanh: MatMul(fc) -> FastGelu(+bias) -> MatMul(proj); down's bias goes to the next SkipNorm."""
-    if family.mlp == "swiglu":
+    if family.mlp in ("swiglu", "geglu_tanh"):
         if layer.gate is None:
-            raise ValueError("a swiglu MLP needs gate weights")
+            raise ValueError(f"a {family.mlp} MLP needs gate weights")
         gate = _linear(b, f"{prefix}/gate_proj", layer.gate, x)
         up = _linear(b, f"{prefix}/up_proj", layer.up, x)
-        act = b.op1("QuickGelu", [gate], f"{prefix}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=SILU_ALPHA)
+        if family.mlp == "swiglu":
+            act = b.op1("QuickGelu", [gate], f"{prefix}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=SILU_ALPHA)
+        else:
+            act = b.op1("FastGelu", [gate], f"{prefix}/act_fn/FastGelu", domain=MS_DOMAIN)
         h = b.op1("Mul", [act, up], f"{prefix}/Mul")
     else:
         fc = _linear(b, f"{prefix}/fc", layer.up, x, with_bias=False)
@@ -250,8 +461,9 @@ def _mlp(b: GraphBuilder, prefix: str, family: DecoderFamily, layer: LayerWeight
     return _linear(b, f"{prefix}/down_proj", layer.down, h, with_bias=False)
 
 
-def _lm_head(b: GraphBuilder, weights: DecoderWeights, x: str, head: HeadKind, float_dtype: str) -> str:
-    """x (batch, seq, hidden) -> logits (batch, seq, vocab) float32.
+def _lm_head(b: GraphBuilder, family: DecoderFamily, weights: DecoderWeights, x: str, head: HeadKind,
+             float_dtype: str) -> str:
+    """x (batch, seq, hidden) -> logits (batch, seq, vocab) float32 [final softcap: cap * tanh(logits / cap)].
 
     A tied head reads the embedding table itself (FusedMatMul, transB) unless ``head="own"`` asks for a transposed
     copy, which MatMulNBits can quantize."""
@@ -262,6 +474,11 @@ def _lm_head(b: GraphBuilder, weights: DecoderWeights, x: str, head: HeadKind, f
     else:
         logits = b.op1("FusedMatMul", [x, "model.embed_tokens.weight"], "/lm_head/FusedMatMul", domain=MS_DOMAIN,
                        transB=1)
+    if family.final_softcap:
+        cap = b.weight("lm_head.softcap", np.array(family.final_softcap, np.float32))
+        logits = b.op1("Div", [logits, cap], "/lm_head/softcap/Div")
+        logits = b.op1("Tanh", [logits], "/lm_head/softcap/Tanh")
+        logits = b.op1("Mul", [logits, cap], "/lm_head/softcap/Mul")
     if float_dtype != "float32":
         logits = b.op1("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
     return logits
@@ -271,6 +488,10 @@ def _shared_weight(b: GraphBuilder, name: str, array: np.ndarray | None) -> str:
     if array is None:
         raise ValueError(f"{name} is required for this position encoding")
     return name if b.has(name) else b.weight(name, array)
+
+
+def _shared_const(b: GraphBuilder, name: str, array: np.ndarray) -> str:
+    return name if b.has(name) else b.constant(name, array)
 
 
 def _param(prefix: str, suffix: str) -> str:

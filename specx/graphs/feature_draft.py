@@ -28,7 +28,7 @@ import onnx
 
 from specx.graphs.builder import GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
-from specx.graphs.decoder import (DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs, _linear,
+from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs, _linear,
                                   _mlp, _norm, _skip_norm)
 from specx.graphs.architecture import ArchitectureSpec
 
@@ -76,9 +76,10 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     joined = b.op1("Concat", [embed, state], "/draft/input/Concat", axis=-1)  # (batch, seq, 2 * hidden)
     x0 = _linear(b, "/draft/fc", weights.fc, joined)
     layers = weights.layers
+    tables = {GLOBAL_ROPE: (weights.rope_cos, weights.rope_sin)}
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, layers[0].attn_norm, x0)
     for i, layer in enumerate(layers):
-        a = _attention(b, i, arch, weights, layer, attention, x)  # type: ignore[arg-type]  (rope tables)
+        a = _attention(b, i, arch, family, layer, attention, x, tables)
         x, residual = _skip_norm(b, f"/model/layers.{i}/post_attention_layernorm", family, layer.mlp_norm, a,
                                  residual, layer.o.bias)
         h = _mlp(b, f"/model/layers.{i}/mlp", family, layer, x)
