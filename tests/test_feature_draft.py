@@ -19,13 +19,14 @@ from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
 from specx.drafttrain.train import TrainConfig, agreement, default_feature_layers, new_draft, train
 from specx.errors import ContractError
 from specx.exporter.adapters import adapter_for
-from specx.exporter.pipeline import ExportRequest, export_bundle
+from specx.exporter.pipeline import ExportRequest, export_bundle, with_records
 from specx.exporter.sources import load_source
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES
 from specx.runtime.bundle import Bundle
 from specx.runtime.feature_draft import check_feature_draft
 from specx.runtime.generator import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE, FEATURE_GREEDY_TREE_FLOOR,
                                      FEATURE_GREEDY_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, Generator, _decoder)
+from specx.runtime.integrity import verify_files
 from specx.runtime.manifest import Manifest
 from specx.runtime.tree import chain
 from tests import tiny_models
@@ -354,11 +355,19 @@ def test_an_int8_draft_graph_is_quantized_and_lossless(feature_bundle: Path, tmp
         assert spec.tokens == plain.tokens and spec.stats.draft_calls > 0
 
 
+def test_train_draft_records_the_files_it_writes(feature_bundle: Path):
+    manifest = Bundle.load(feature_bundle).manifest
+    assert set(manifest.files) == {p.name for p in feature_bundle.iterdir()} - {"manifest.json"}
+    assert {manifest.draft.graph, manifest.draft.vocab_map} <= set(manifest.files)
+    assert verify_files(feature_bundle, manifest).files == len(manifest.files)
+
+
 def test_a_draft_that_does_not_fit_its_target_is_a_clear_error(feature_bundle: Path, tmp_path: Path):
     copy = tmp_path / "bundle"
     shutil.copytree(feature_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     np.save(copy / manifest["draft"]["vocab_map"], np.arange(DRAFT_VOCAB - 1))
+    with_records(Manifest.read(copy), copy).write(copy)  # recorded as written: the map itself is what does not fit
     with pytest.raises(ContractError, match="vocabulary map"):
         Generator.load(copy, provider="cpu")
     # a target graph whose features are not what the draft was trained on (e.g. the target re-exported)

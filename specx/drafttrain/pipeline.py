@@ -34,7 +34,7 @@ from specx.drafttrain.train import TrainConfig, agreement, default_feature_layer
 from specx.errors import ExportError, InvalidArgumentError
 from specx.exporter.adapters import adapter_for
 from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path
-from specx.exporter.pipeline import export_model, replace_bundle
+from specx.exporter.pipeline import export_model, with_records
 from specx.exporter.sources import load_source
 from specx.graphs.builder import save_with_external_data
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
@@ -45,6 +45,7 @@ from specx.graphs.quantize import SUPPORTED_BITS, quantize_built, scheme, unquan
 from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
 from specx.runtime.session import DecoderSession, open_session
+from specx.runtime.swap import TRAINING, check_replaceable, replace_bundle, sibling
 from specx.runtime.tree import chain
 
 LARGER_SLACK = 1.1  # a cached set up to 10% over the budget is used whole
@@ -91,6 +92,7 @@ class TrainDraftResult:
 def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_progress) -> TrainDraftResult:
     bundle = Bundle.load(request.bundle)
     manifest = bundle.manifest
+    check_replaceable(bundle.path)  # before the work: the bundle is replaced at the end
     _check_request(request)
     device = _device(request.device)
     started = time.perf_counter()
@@ -206,7 +208,7 @@ def _device(device: str) -> str:
 def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...], draft: FeatureDraftModel,
                   vocab_map: np.ndarray, training: dict, held_out: DistillationSet, step: Step,
                   started: float) -> Path:
-    staging = path.parent / f".{path.name}.train-{os.getpid()}"
+    staging = sibling(path, TRAINING)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -215,7 +217,7 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
             replaced |= {manifest.draft.graph, manifest.draft.graph + ".data", manifest.draft.kv_commit}
             replaced |= {manifest.draft.vocab_map} if manifest.draft.vocab_map else set()
         for item in path.iterdir():
-            if item.is_file() and item.name not in replaced and item.name != MANIFEST_FILE:
+            if item.is_file() and item.name not in replaced and item.name != MANIFEST_FILE and item.name[0] != ".":
                 os.link(item, staging / item.name)
         target = export_model("target", loaded, adapter, staging, manifest.dtype, DEFAULT_OPSET, step,
                               source=manifest.target.source, feature_layers=layers)
@@ -225,6 +227,7 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
                                          training.get("draft_bits"))
         new = replace(manifest, target=target, draft=entry,
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        new = with_records(new, staging)  # the files it holds now; the later write only adds the measured tau
         new.write(staging)
         with step("measuring tau on held-out text through the runtime"):
             training["held_out_tau"] = _held_out_tau(staging, held_out)

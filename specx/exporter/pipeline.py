@@ -1,14 +1,14 @@
 """`specx export`: target (+ draft) -> one self-contained bundle directory.
 
 The bundle is built in a hidden temporary directory beside the output and renamed into place at the end, so an
-interrupted export never leaves a directory that looks like a valid bundle.
+interrupted export never leaves a directory that looks like a valid bundle (specx.runtime.swap: an existing output
+is replaced only when it is a specx bundle, and a swap cut short is completed or undone by the next export or load).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +28,9 @@ from specx.exporter.validate import validate_decoder
 from specx.graphs.passes import weight_bytes
 from specx.graphs.quantize import quantize_built, scheme, unquantized_path
 from specx.runtime.bundle import bundle_name, specx_home
-from specx.runtime.manifest import DTYPES, MANIFEST_FILE, Manifest, ModelEntry, NgramEntry, TokenizerEntry
+from specx.runtime.integrity import record_files
+from specx.runtime.manifest import DTYPES, Manifest, ModelEntry, NgramEntry, TokenizerEntry
+from specx.runtime.swap import STAGING, check_replaceable, recover, replace_bundle, sibling
 
 NO_DRAFT = "none"
 TOKENIZER_FILE = "tokenizer.json"
@@ -107,7 +109,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
         check_draft_compatible(target, draft)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    staging = sibling(output, STAGING)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -129,7 +131,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             ngram=ngram,
         )
-        manifest.write(staging)
+        with_records(manifest, staging).write(staging)
         replace_bundle(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -240,20 +242,13 @@ def _write_tokenizer(loaded: LoadedModel, staging: Path) -> TokenizerEntry:
     )
 
 
+def with_records(manifest: Manifest, staging: Path) -> Manifest:
+    """The manifest with the size and hashes of every file the bundle in ``staging`` holds."""
+    return replace(manifest, files=record_files(staging, manifest))
+
+
 def _check_output(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise InvalidArgumentError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
-        raise InvalidArgumentError(f"output {output} is a non-empty directory that is not a specx bundle; "
-                                   "pass another --output")
-
-
-def replace_bundle(staging: Path, output: Path) -> None:
-    """Move the finished bundle into place; an older bundle at the same path is replaced."""
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        staging.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(output)
+    """Before any work: finish what an interrupted export left at ``output``, then refuse an output specx may not
+    replace (checked again when the bundle moves in)."""
+    recover(output)
+    check_replaceable(output)

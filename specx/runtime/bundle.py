@@ -1,4 +1,4 @@
-"""Loading and checking a bundle: manifest, graph files, tokenizer."""
+"""Loading and checking a bundle: manifest, its files (inside the bundle, as recorded), graph tables, tokenizer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from specx.errors import BundleError
+from specx.runtime.integrity import check_files, inside
 from specx.runtime.manifest import Manifest, ModelEntry
+from specx.runtime.onnx_proto import initializers
+from specx.runtime.swap import recover
 
 DEFAULT_MODEL = "gpt2-large"
+# The position tables a decoder graph reads (specx/graphs/decoder.py's initializer names): rotary cos/sin caches or
+# learned position embeddings, max_positions rows each.
+POSITION_TABLES = ("model.rotary.cos_cache", "model.rotary.sin_cache", "model.embed_positions.weight")
 
 
 def specx_home() -> Path:
@@ -28,9 +34,11 @@ def bundle_name(source: str) -> str:
 def resolve_bundle_dir(model: str) -> Path:
     """A --model value: a bundle directory, or a name under SPECX_HOME."""
     path = Path(model).expanduser()
+    recover(path)  # a replacement an interrupted export left half done
     if path.is_dir():
         return path
     candidate = specx_home() / bundle_name(model)
+    recover(candidate)
     if candidate.is_dir():
         return candidate
     raise BundleError(
@@ -47,28 +55,36 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":
         path = Path(path).expanduser()
+        recover(path)
         manifest = Manifest.read(path)
+        check_files(path, manifest)
         for entry in filter(None, (manifest.target, manifest.draft)):
-            _check_files(path, entry)
+            _check_positions(path, entry)
         tokenizer = _load_tokenizer(path, manifest)
         _check_vocab(manifest, tokenizer)
         return cls(path=path, manifest=manifest, tokenizer=tokenizer)
 
     def graph_path(self, entry: ModelEntry) -> Path:
-        return self.path / entry.graph
+        return inside(self.path, entry.graph)
 
     def commit_path(self, entry: ModelEntry) -> Path:
-        return self.path / entry.kv_commit
+        return inside(self.path, entry.kv_commit)
 
 
-def _check_files(path: Path, entry: ModelEntry) -> None:
-    for name in (entry.graph, entry.kv_commit, *([entry.vocab_map] if entry.vocab_map else [])):
-        if not (path / name).is_file():
-            raise BundleError(f"bundle {path} is incomplete: {name} is missing; re-export it with `specx export`")
+def _check_positions(path: Path, entry: ModelEntry) -> None:
+    """The context the manifest gives a model must fit its graph's position tables (rows past them would crash the
+    attention kernel or read out of range mid-generation)."""
+    tables = initializers(inside(path, entry.graph))
+    rows = [t.dims[0] for name, t in tables.items() if name in POSITION_TABLES and t.dims]
+    context = entry.architecture.max_positions
+    if rows and min(rows) < context:
+        raise BundleError(f"bundle {path}: the manifest gives the {entry.role} a context of {context} positions but "
+                          f"its graph {entry.graph} has position tables for {min(rows)}; re-export the bundle with "
+                          "`specx export`")
 
 
 def _load_tokenizer(path: Path, manifest: Manifest) -> Tokenizer:
-    file = path / manifest.tokenizer.file
+    file = inside(path, manifest.tokenizer.file)
     if not file.is_file():
         raise BundleError(f"bundle {path} is incomplete: {manifest.tokenizer.file} is missing; re-export it")
     try:

@@ -9,6 +9,10 @@ Bundle layout::
              draft_vocab.npy                      a trained feature draft's vocabulary map
              ngram.npz                            Katz trigram table (draft2), when built
              tokenizer.json
+
+The manifest marks itself (``"format": "specx-bundle"`` and ``format_version``) so that a directory is replaced only
+when it is a specx bundle, and records every file the bundle holds (``files``: size, sha256, spot digest; checked by
+``specx.runtime.integrity``). Bundles written before the marker and the records existed are read as before.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from specx.graphs.architecture import ArchitectureSpec
 from specx.graphs.contract import FEATURE_DRAFT, GraphContract
 
 FORMAT_VERSION = 2
+BUNDLE_FORMAT = "specx-bundle"  # the manifest's "format": what tells a specx bundle from any other manifest.json
 MANIFEST_FILE = "manifest.json"
+TUNING_KEYS = ("greedy", "sampling")
+TUNED_MODES = ("autoregressive", "speculative", "staged", "ngram")
+DRAFT_CHOICES = ("top", "sample")
 DTYPES = ("fp32", "fp16", "int8", "int4")  # int8/int4: MatMulNBits weights, fp32 activations and KV
 
 
@@ -106,6 +114,24 @@ class NgramEntry:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """A file the bundle holds, as the exporter wrote it."""
+
+    size: int  # bytes
+    sha256: str  # of the whole file (`specx info --verify`)
+    spot: str  # sha256 of a few blocks at fixed offsets (checked at every load; see specx.runtime.integrity)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "FileRecord":
+        if not isinstance(d, dict):
+            raise ValueError("a file record is not an object")
+        size, sha256, spot = d.get("size"), d.get("sha256"), d.get("spot")
+        if not _is_int(size) or size < 0 or not _is_hex(sha256) or not _is_hex(spot):
+            raise ValueError(f"bad file record {d}")
+        return cls(size=size, sha256=sha256, spot=spot)
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     dtype: str
@@ -117,9 +143,19 @@ class Manifest:
     ngram: NgramEntry | None = None
     format_version: int = FORMAT_VERSION
     tuning: dict[str, Any] | None = None  # `specx bench --tune`: the default tree and mode measured fastest here
+    files: dict[str, FileRecord] | None = None  # every file of the bundle; None in bundles exported before records
+
+    def named_files(self) -> list[str]:
+        """The files the manifest's entries name (graphs, KV-commit graphs, vocabulary map, tokenizer, n-gram table);
+        the graphs' external-data files are named inside the graphs."""
+        names = [self.tokenizer.file, *([self.ngram.file] if self.ngram else [])]
+        for entry in filter(None, (self.target, self.draft)):
+            names += [entry.graph, entry.kv_commit, *([entry.vocab_map] if entry.vocab_map else [])]
+        return names
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "format": BUNDLE_FORMAT,
             "format_version": self.format_version,
             "specx_version": self.specx_version,
             "name": self.name,
@@ -130,6 +166,7 @@ class Manifest:
             "tokenizer": asdict(self.tokenizer),
             "ngram": asdict(self.ngram) if self.ngram else None,
             "tuning": self.tuning,
+            "files": {name: asdict(r) for name, r in self.files.items()} if self.files is not None else None,
         }
 
     def write(self, bundle_dir: Path) -> None:
@@ -152,6 +189,9 @@ class Manifest:
             raise BundleError(f"{path} is corrupt ({exc}); re-export the bundle with `specx export`") from exc
         if not isinstance(d, dict):
             raise BundleError(f"{path} is corrupt (not a JSON object); re-export the bundle with `specx export`")
+        if "format" in d and d["format"] != BUNDLE_FORMAT:
+            raise BundleError(f"{bundle_dir} is not a specx bundle ({MANIFEST_FILE} says format {d['format']!r}); "
+                              "create one with `specx export`")
         version = d.get("format_version")
         if not isinstance(version, int):
             raise BundleError(f"{path} has no valid format_version; re-export the bundle with `specx export`")
@@ -174,6 +214,7 @@ class Manifest:
                 ngram=NgramEntry.from_dict(d["ngram"]) if d.get("ngram") else None,
                 format_version=version,
                 tuning=d.get("tuning"),
+                files=_files(d.get("files")),
             )
         except BundleError:
             raise
@@ -181,4 +222,70 @@ class Manifest:
             raise BundleError(f"{path} is corrupt (missing or bad field {exc}); re-export the bundle") from exc
         if manifest.dtype not in DTYPES:
             raise BundleError(f"{path}: unknown dtype {manifest.dtype!r}; expected one of {', '.join(DTYPES)}")
+        problem = tuning_problem(manifest.tuning)
+        if problem:
+            raise BundleError(f"{path}: the tuning record is malformed ({problem}); delete its \"tuning\" key, or "
+                              "run `specx bench --tune` again")
         return manifest
+
+
+def is_specx_manifest(d: Any) -> bool:
+    """Whether a parsed manifest.json is specx's: the format marker, or (bundles written before the marker existed)
+    an integer format_version with target and tokenizer entries."""
+    if not isinstance(d, dict) or not _is_int(d.get("format_version")):
+        return False
+    if "format" in d:
+        return d["format"] == BUNDLE_FORMAT
+    return isinstance(d.get("target"), dict) and isinstance(d.get("tokenizer"), dict)
+
+
+def tuning_problem(tuning: Any) -> str | None:
+    """What is wrong with a manifest's `tuning` value ({"greedy"|"sampling": record}), or None."""
+    if tuning is None:
+        return None
+    if not isinstance(tuning, dict):
+        return "not an object"
+    for key, record in tuning.items():
+        if key not in TUNING_KEYS:
+            return f"unknown key {key!r}, expected {' or '.join(TUNING_KEYS)}"
+        problem = _record_problem(record) if isinstance(record, dict) else "not an object"
+        if problem:
+            return f"{key}: {problem}"
+    return None
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    if record.get("mode") not in TUNED_MODES:
+        return f"mode {record.get('mode')!r}, expected one of {', '.join(TUNED_MODES)}"
+    if record.get("draft_choice", "top") not in DRAFT_CHOICES:
+        return f"draft_choice {record['draft_choice']!r}, expected {' or '.join(DRAFT_CHOICES)}"
+    for name in ("tree_budget", "tree_depth"):
+        if name in record and not (_is_int(record[name]) and record[name] >= 0):
+            return f"{name} {record[name]!r} is not a count"
+    for name in ("tree_threshold", "tree_floor"):
+        value = record.get(name)
+        if value is not None and not (_is_number(value) and 0 <= value < 1):
+            return f"{name} {value!r} does not lie in [0, 1)"
+    if record.get("tree_budget") and not 1 <= record.get("tree_depth", 0) <= record["tree_budget"]:
+        return f"tree_depth {record.get('tree_depth')!r} must lie in [1, tree_budget]"
+    return None
+
+
+def _files(d: Any) -> dict[str, FileRecord] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not all(isinstance(name, str) for name in d):
+        raise ValueError("files is not an object of file records")
+    return {name: FileRecord.from_dict(record) for name, record in d.items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_hex(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
