@@ -28,8 +28,8 @@ import onnx
 
 from specx.graphs.builder import GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
-from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs, _linear,
-                                  _mlp, _norm, _skip_norm)
+from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs,
+                                  _linear, _mlp, _norm, _skip_norm, graph_opset)
 from specx.graphs.architecture import ArchitectureSpec
 
 DRAFT_NORM_EPS = 1e-5
@@ -91,7 +91,7 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     b.rename_output(out, HIDDEN_STATES)
     logits = b.op1("MatMul", [normed, b.weight("lm_head.weight", weights.head)], "/lm_head/MatMul")
     b.rename_output(logits, LOGITS)
-    return b.model(contract.inputs, contract.outputs, opset)
+    return b.model(contract.inputs, contract.outputs, graph_opset(arch, opset))
 
 
 def _rms(b: GraphBuilder, prefix: str, x: str, gamma: np.ndarray, eps: float) -> str:
