@@ -45,6 +45,8 @@ class DType(str, Enum):
     fp16 = "fp16"
     int8 = "int8"
     int4 = "int4"
+    fp16_int8 = "fp16-int8"
+    fp16_int4 = "fp16-int4"
 
 
 def _fail(message: str) -> None:
@@ -70,7 +72,9 @@ def export(
                                                    "(gpt2 -> distilgpt2); required for other families."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle directory. Default: $SPECX_HOME/<name>."),
     dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks); int8 / "
-                                                 "int4: weight-only quantized (MatMulNBits, lm_head included), for CPU."),
+                                                 "int4: weight-only quantized (MatMulNBits, lm_head included) with "
+                                                 "fp32 activations, for CPU; fp16-int8 / fp16-int4: the same with "
+                                                 "fp16 activations, for CUDA."),
     opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
     ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for a "
                                                   "static n-gram table; default 0: staged and ngram modes count the "

@@ -21,3 +21,22 @@ def test_fp16_export_runs_and_agrees_with_fp32(tmp_path, llama_dir, llama_bundle
     half = Generator.load(out, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
     full = Generator.load(llama_bundle, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
     assert half[:4] == full[:4]  # fp16 rounding may flip a near-tie later on; the start must agree
+
+
+def test_fp16_int4_is_the_cuda_format_and_decodes_losslessly(tmp_path, llama_dir):
+    """fp16 activations into MatMulNBits (the CUDA kernels' format), 4-bit weights; a derived self:int4 draft of it
+    keeps fp16 activations; speculation equals plain decoding of the same graph (CPU here)."""
+    out = export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1,int4", output=tmp_path / "fp16-int4",
+                                      dtype="fp16-int4", ngram_tokens=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "fp16-int4"
+    for role in ("target", "draft"):
+        entry = manifest[role]
+        assert entry["contract"]["kv_dtype"] == "float16"
+        assert entry["quantization"]["bits"] == 4 and entry["quantization"]["activations"] == "float16"
+        assert entry["parity"]["unquantized_max_abs_logit_diff"] <= entry["parity"]["tolerance"]
+    gen = Generator.load(out, provider="cpu")
+    plain = gen.generate("one two", max_new_tokens=24, mode="autoregressive", ignore_eos=True)
+    spec = gen.generate("one two", max_new_tokens=24, mode="speculative", ignore_eos=True, tree_budget=6,
+                        tree_depth=3)
+    assert spec.tokens == plain.tokens and len(plain.tokens) == 24

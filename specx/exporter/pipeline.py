@@ -26,6 +26,7 @@ from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path, export_decode
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
 from specx.graphs.passes import weight_bytes
+from specx.graphs.precision import PRECISIONS
 from specx.graphs.quantize import quantize_built, scheme, unquantized_path
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.integrity import record_files
@@ -36,7 +37,6 @@ NO_DRAFT = "none"
 TOKENIZER_FILE = "tokenizer.json"
 NGRAM_FILE = "ngram.npz"
 MIN_OPSET = 18  # Split with num_outputs
-QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
 
 Progress = Callable[[str], ContextManager[None]]
 Bars = Callable[[str, int], Any]  # (name, total) -> an object with update(n) and close()
@@ -51,7 +51,7 @@ class ExportRequest:
     source: str
     draft: str | None = None  # None = the family's default draft; "none" = no draft
     output: Path | None = None
-    dtype: str = "auto"  # auto | fp32 | fp16 | int8 | int4
+    dtype: str = "auto"  # auto or one of specx.graphs.precision.DTYPES
     opset: int = DEFAULT_OPSET
     ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens sampled from the draft for the n-gram table (0: none)
     ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
@@ -155,16 +155,16 @@ def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
                   opset: int, progress: Progress, source: str | None = None,
                   feature_layers: tuple[int, ...] = ()) -> ModelEntry:
-    """Build, validate (and for int8/int4 quantize) one decoder graph into ``staging/<role>.onnx``."""
+    """Build, validate (and for quantized dtypes quantize) one decoder graph into ``staging/<role>.onnx``."""
     path = staging / f"{role}.onnx"
-    kv_dtype = "float16" if dtype == "fp16" else "float32"
-    bits = QUANTIZED_DTYPES.get(dtype)
+    precision = PRECISIONS[dtype]
+    kv_dtype, bits = precision.activations, precision.bits
     built = unquantized_path(path) if bits else path
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
                                   feature_layers=feature_layers)
     with progress(f"validating the {role} graph against PyTorch"):
-        parity = validate_decoder(adapter, loaded.model, contract, built, "fp32" if bits else dtype).to_dict()
+        parity = validate_decoder(adapter, loaded.model, contract, built, precision.float_name).to_dict()
     if bits:
         with progress(f"quantizing the {role} graph to int{bits} (MatMulNBits)"):
             commit_path(built).rename(commit_path(path))
@@ -181,7 +181,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
         contract=contract,
         weight_bytes=weight_bytes(path),
         parity=parity,
-        quantization=scheme(bits) if bits else None,
+        quantization=scheme(bits, precision.activations) if bits else None,
     )
 
 
@@ -192,7 +192,7 @@ def _export_derived(derived: DerivedDraft, target: LoadedModel, dtype: str, stag
     reference = target
     if derived.layers is not None:
         reference = LoadedModel(derived.spec, truncate_layers(target.model, derived.layers), target.tokenizer)
-    draft_dtype = f"int{derived.bits}" if derived.bits is not None else dtype
+    draft_dtype = PRECISIONS[dtype].quantized(derived.bits).name if derived.bits is not None else dtype
     entry = export_model("draft", reference, adapter_for(reference.model.config), staging, draft_dtype, opset,
                           progress, source=derived.spec)
     return replace(entry, derived_from=derived.spec)

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specx.errors import SourceError
+from specx.graphs.precision import PRECISIONS
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}  # int8/int4: quantized after export
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # by the precision's activations
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def load_source(source: str, dtype: str = "fp32") -> LoadedModel:
         location, kwargs = source, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=TORCH_DTYPES[dtype], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=TORCH_DTYPES[PRECISIONS[dtype].activations], **kwargs)
     except OSError as exc:
         if path.exists():
             raise SourceError(f"cannot load {source}: {exc}") from exc

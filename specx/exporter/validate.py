@@ -15,11 +15,13 @@ from specx.exporter.adapters import ArchitectureAdapter
 from specx.exporter.onnx_export import commit_path
 from specx.exporter.wrapper import TreeDecoder
 from specx.graphs.contract import GraphContract
+from specx.graphs.precision import PRECISIONS
 from specx.runtime.session import DecoderSession, open_session
 from specx.runtime.tree import Tree, build_tree, chain
 
 # |ORT - torch| must stay below TOLERANCE[dtype] * max(1, max |logit|).
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-4, "int4": 1e-4}  # quantized: the fp32 graph is held to it
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-4, "int4": 1e-4, "fp16-int8": 2e-2, "fp16-int4": 2e-2}
+# quantized dtypes: measured, not enforced; their unquantized graph is held to its float dtype's tolerance
 VALIDATION_PAST = 7
 VALIDATION_TREE_NODES = 9
 
@@ -67,7 +69,7 @@ def validate_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, contr
     wrapper = TreeDecoder(model, adapter).eval()
     reference = torch_tree_pass(wrapper, contract, prefix, tokens, tree)
 
-    provider = "cuda" if dtype == "fp16" and _has_cuda() else "cpu"
+    provider = "cuda" if PRECISIONS[dtype].activations == "float16" and _has_cuda() else "cpu"
     decoder, placement = open_session(path, provider)
     committer, _ = open_session(commit_path(path), placement.name)
     session = DecoderSession(decoder, committer, contract, placement)

@@ -25,10 +25,10 @@ ACCURACY_LEVEL = 4
 SUPPORTED_BITS = (4, 8)
 
 
-def scheme(bits: int) -> dict[str, Any]:
-    """What the manifest records about a quantized graph."""
+def scheme(bits: int, activations: str = "float32") -> dict[str, Any]:
+    """What the manifest records about a quantized graph (``activations``: the float type MatMulNBits takes)."""
     return {"method": "MatMulNBits", "bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL,
-            "symmetric": True, "lm_head": True}
+            "symmetric": True, "lm_head": True, "activations": activations}
 
 
 def quantize_decoder(src: Path, dst: Path, bits: int, contract: GraphContract) -> None:

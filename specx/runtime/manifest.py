@@ -25,6 +25,7 @@ from typing import Any
 
 from specx.errors import BundleError
 from specx.graphs.architecture import ArchitectureSpec
+from specx.graphs.precision import DTYPES  # noqa: F401  (re-exported: what a manifest's dtype may be)
 from specx.graphs.contract import FEATURE_DRAFT, GraphContract
 
 FORMAT_VERSION = 2
@@ -33,7 +34,6 @@ MANIFEST_FILE = "manifest.json"
 TUNING_KEYS = ("greedy", "sampling")
 TUNED_MODES = ("autoregressive", "speculative", "staged", "ngram")
 DRAFT_CHOICES = ("top", "sample")
-DTYPES = ("fp32", "fp16", "int8", "int4")  # int8/int4: MatMulNBits weights, fp32 activations and KV
 
 
 @dataclass(frozen=True)
