@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from specx.errors import SpecxError
+from specx.errors import InvalidArgumentError, SpecxError
 from specx.runtime.ngram import DEFAULT_SAMPLE_TOKENS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,6 +63,26 @@ def _user_errors() -> Iterator[None]:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted")
+
+
+def _threads(threads: Optional[int]) -> Optional[int]:
+    """--threads, lowered to this machine's cores with a warning (100,000 hung)."""
+    from specx.runtime.session import cap_threads
+
+    if threads is not None and threads < 1:
+        raise InvalidArgumentError(f"--threads must be >= 1, got {threads}")
+    threads, lowered = cap_threads(threads)
+    if lowered:
+        typer.echo(f"warning: {lowered}", err=True)
+    return threads
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    """A comma-separated list of numbers (--temperatures 0,0.7,1)."""
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(f"{flag} takes comma-separated numbers like 0,1; got {text!r}") from None
 
 
 @app.command()
@@ -216,7 +236,7 @@ def run(
         from specx.runtime.generator import Generator
 
         generator = Generator.load(resolve_bundle_dir(model), provider=provider.value, max_context=max_context,
-                                   threads=threads)
+                                   threads=_threads(threads))
         stream = generator.stream(prompt, max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
                                   tree_budget=tree_budget, tree_depth=tree_depth, tree_threshold=tree_threshold,
@@ -261,7 +281,8 @@ def chat(
 
         generator = Generator.load(resolve_bundle_dir(model), provider=provider.value)
         messages = [{"role": "system", "content": system}] if system else []
-        generator.chat_prompt_ids(messages + [{"role": "user", "content": "?"}])  # no template: fail before input
+        options = dict(max_new_tokens=max_new_tokens, mode=mode.value, temperature=temperature, seed=seed)
+        generator.stream(messages + [{"role": "user", "content": "?"}], **options)  # checks all, runs nothing
         generator.reserve(min(generator.max_positions, CHAT_CACHE_TOKENS))  # turns reuse it without reallocation
         typer.echo("specx chat: type a message; /exit or end of input quits.", err=True)
         while True:
@@ -273,9 +294,10 @@ def chat(
                 break
             if not line.strip():
                 continue
-            messages.append({"role": "user", "content": line})
-            stream = generator.stream(messages, max_new_tokens=max_new_tokens, mode=mode.value,
-                                      temperature=temperature, seed=seed, reuse_cache=True)
+            messages, prompt = _chat_prompt(generator, [*messages, {"role": "user", "content": line}], max_new_tokens)
+            if prompt is None:
+                continue
+            stream = generator.stream(prompt, reuse_cache=True, **options)
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -287,6 +309,30 @@ def chat(
             s = result.stats
             typer.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, {s.reused_prompt_tokens} of "
                        f"{s.prompt_tokens} prompt tokens reused from the cache]", err=True)
+
+
+def _chat_prompt(generator, messages: list[dict], answer_tokens: int) -> tuple[list[dict], Optional[list[int]]]:
+    """The conversation to keep and the prompt ids of its next answer: the oldest turns dropped (the system message
+    kept) until prompt and answer fit the context, said on stderr. A message that fails to render, or does not fit
+    even alone, is not sent: (the conversation without it, None), and the session goes on."""
+    from specx.runtime.chat import fit_conversation
+
+    limit = generator.max_positions - answer_tokens
+    try:
+        kept, dropped = fit_conversation(messages, lambda m: len(generator.chat_prompt_ids(m)) <= limit)
+        ids = generator.chat_prompt_ids(kept)
+    except InvalidArgumentError as exc:
+        typer.echo(f"error: {exc}; the message was not sent", err=True)
+        return messages[:-1], None
+    if len(ids) > limit:  # the conversation stays as it was
+        typer.echo(f"error: this message takes {len(ids)} prompt tokens, more than the {limit} the context leaves "
+                   f"beside a {answer_tokens}-token answer; it was not sent (shorten it, or lower --max-new-tokens)",
+                   err=True)
+        return messages[:-1], None
+    if dropped:
+        typer.echo(f"[the conversation outgrew the context ({generator.max_positions} tokens with "
+                   f"{answer_tokens} for the answer): dropped the {dropped} oldest message(s)]", err=True)
+    return kept, ids
 
 
 @app.command()
@@ -328,16 +374,19 @@ def bench(
         from specx.runtime.bundle import resolve_bundle_dir
         from specx.runtime.generator import Generator
 
+        threads = _threads(threads)
+        temps = _numbers(temperatures, "--temperatures")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         generator = Generator.load(resolve_bundle_dir(model), provider=provider.value, threads=threads)
         chosen = b.check_modes(generator, modes.split(",")) if modes else b.supported_modes(generator)
-        temps = [float(t) for t in temperatures.split(",")]
         machine = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "provider": generator.provider,
                    "onnxruntime": onnxruntime.__version__}
         if tune:
-            _tune(generator, b.load_prompts(prompts, limit or b.TUNE_PROMPTS), chosen, temps,
-                  max_new_tokens or b.TUNE_TOKENS, machine)
+            _tune(generator, b.load_prompts(prompts, b.TUNE_PROMPTS if limit is None else limit), chosen, temps,
+                  b.TUNE_TOKENS if max_new_tokens is None else max_new_tokens, machine)
             return
-        max_new_tokens = max_new_tokens or 128
+        max_new_tokens = b.BENCH_TOKENS if max_new_tokens is None else max_new_tokens
         prompt_set = b.load_prompts(prompts, limit)
         typer.echo(f"specx bench: {len(prompt_set)} prompts x {len(temps)} temperatures, modes "
                    f"{', '.join(['autoregressive', *chosen])}, {max_new_tokens} tokens each", err=True)

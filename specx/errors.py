@@ -35,3 +35,8 @@ class ExportError(SpecxError):
 
 class CapacityError(InvalidArgumentError):
     """A generation would not fit the KV cache (the model's context or the user's --max-context)."""
+
+
+class StreamInterruptedError(SpecxError):
+    """A stream of a Generator was left open while another generation started on it in the same thread: the newer
+    generation took the model over, and the older stream ends with this error when read again."""

@@ -115,3 +115,29 @@ def test_cli_chat_session(chat_bundle):
 def test_cli_chat_without_a_template(llama_bundle):
     result = runner.invoke(app, ["chat", str(llama_bundle)], input="hi\n")
     assert result.exit_code == 1 and "no chat template" in result.output
+
+
+def test_cli_chat_drops_the_oldest_turns_when_the_context_is_full(chat_bundle):
+    """The session goes on past the context (it used to end with an error): the oldest turns go, said on stderr, and
+    a message too long to fit even alone is refused without ending the session."""
+    long_turn = "one two three four five six seven eight nine ten " * 2
+    turns = [long_turn] * 6 + ["the quick " * 200, "one two", "/exit"]
+    result = runner.invoke(app, ["chat", str(chat_bundle), "--system", "Answer briefly.", "--max-new-tokens", "24"],
+                           input="\n".join(turns) + "\n")
+    assert result.exit_code == 0, result.output
+    assert "dropped the" in result.output and "oldest message(s)" in result.output
+    assert "it was not sent" in result.output
+    assert result.output.count("prompt tokens reused") == 7  # every turn but the refused one was answered
+
+
+def test_fit_conversation_keeps_the_system_message_and_whole_turns():
+    from specx.runtime.chat import fit_conversation
+
+    chat = [{"role": "system", "content": "s"}]
+    for k in range(3):
+        chat += [{"role": "user", "content": f"u{k}"}, {"role": "assistant", "content": f"a{k}"}]
+    chat.append({"role": "user", "content": "last"})
+    kept, dropped = fit_conversation(chat, lambda m: len(m) <= 4)
+    assert dropped == 4 and [m["content"] for m in kept] == ["s", "u2", "a2", "last"]
+    kept, dropped = fit_conversation(chat, lambda m: False)  # nothing fits: the system message and the last stay
+    assert [m["content"] for m in kept] == ["s", "last"] and dropped == 6

@@ -19,6 +19,7 @@ from specx.runtime.generator import Generator
 
 SEED = 1234
 WARMUP_TOKENS = 16
+BENCH_TOKENS = 128  # tokens per generation unless asked otherwise
 BUILTIN_PROMPTS = "prompts.jsonl"  # specx/data: 24 short prompts (code, chat, prose, lists, logs, math)
 
 
@@ -50,7 +51,10 @@ class BenchRow:
 
 
 def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Prompt]:
-    """JSON lines ({"id", "kind", "prompt"}) or plain text lines; the built-in set when ``path`` is None."""
+    """JSON lines ({"id", "kind", "prompt"}) or plain text lines; the built-in set when ``path`` is None; the first
+    ``limit`` of them (all when None)."""
+    if limit is not None and limit < 1:
+        raise InvalidArgumentError(f"--limit must be >= 1 (or left out for every prompt), got {limit}")
     if path is None:
         text = resources.files("specx.data").joinpath(BUILTIN_PROMPTS).read_text()
     else:
@@ -69,7 +73,7 @@ def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Pro
             prompts.append(Prompt(str(n), "-", line))
     if not prompts:
         raise InvalidArgumentError("no prompts to benchmark")
-    return prompts[:limit] if limit else prompts
+    return prompts if limit is None else prompts[:limit]
 
 
 def supported_modes(gen: Generator) -> list[str]:

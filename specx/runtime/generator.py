@@ -6,19 +6,27 @@
     print(result.text, result.stats.tokens_per_second)
     for piece in gen.stream("Once upon a time", max_new_tokens=32):
         print(piece, end="", flush=True)
+
+One Generator may be shared by threads: its generations run one at a time (a thread's generation waits until the
+running one ends: its stream read to the end, closed, or dropped). Within one thread, starting a generation while a
+stream of the same Generator is still open supersedes that stream: reading it again raises StreamInterruptedError
+(``specx.runtime.ownership``). For generations that really run side by side, load one Generator each.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from specx.errors import BundleError, CapacityError, InvalidArgumentError
+from specx.runtime.arguments import (check_choice, check_flag, check_int, check_number, check_optional_int,
+                                     check_optional_number, check_text, prompt_kind, token_ids)
 from specx.runtime.bundle import Bundle
 from specx.runtime.chat import Messages, render_chat
 from specx.runtime.decoding import (DecodeRequest, FeatureDrafter, ModelDrafter, NgramDrafter, StepLog, autoregressive,
@@ -27,8 +35,9 @@ from specx.runtime.drafting import TokenDraft, TreeShape
 from specx.runtime.feature_draft import FeatureDraft, check_feature_draft
 from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
+from specx.runtime.ownership import Claim, SessionGuard
 from specx.runtime.sampling import SamplingConfig
-from specx.runtime.session import DecoderSession, check_graph, default_session_options, open_session
+from specx.runtime.session import DecoderSession, cap_threads, check_graph, default_session_options, open_session
 
 MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
 # How a draft model proposes when decoding samples: "sample" draws children from its distribution (rule B, the
@@ -101,13 +110,26 @@ class GenerationResult:
 
 @dataclass
 class TextStream:
-    """Iterate for text pieces as they are decided; ``result`` is set once the iteration ends."""
+    """Iterate for text pieces as they are decided; ``result`` is set once the iteration ends. A stream holds its
+    Generator from its first piece to its end: ``close()`` one you stop reading early (or use ``with``)."""
 
     _pieces: Iterator[str]
     result: GenerationResult | None = field(default=None)
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
+
+    def close(self) -> None:
+        """Stop the generation and free the Generator for the next one."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class Generator:
@@ -118,16 +140,22 @@ class Generator:
         self.draft = draft
         self.ngram = ngram
         context = self.model_context
+        max_context = check_optional_int("max_context", max_context)
         if max_context is not None and not 1 <= max_context <= context:
             raise InvalidArgumentError(f"max_context must lie in [1, {context}] (the model's context), got {max_context}")
         self.max_context = max_context or context
         self.vocab_map: np.ndarray | None = None  # a feature draft's: draft id -> target id
+        self._guard = SessionGuard()  # one generation at a time drives the sessions
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "auto", max_context: int | None = None,
              threads: int | None = None) -> "Generator":
         """``max_context`` caps prompt + new tokens below the model's context, which also bounds KV memory;
-        ``threads``: ONNX Runtime intra-op threads (default: its own choice, the physical cores)."""
+        ``threads``: ONNX Runtime intra-op threads (default: its own choice, the physical cores; more than the
+        machine's cores is lowered to them, with a warning)."""
+        threads, lowered = cap_threads(check_optional_int("threads", threads, minimum=1))
+        if lowered:
+            warnings.warn(lowered, RuntimeWarning, stacklevel=2)
         bundle = Bundle.load(bundle_dir)
         manifest = bundle.manifest
         target = _decoder(bundle, manifest.target, provider, threads)
@@ -186,26 +214,35 @@ class Generator:
         turns) instead of computing them again. ``draft_choice`` (sampling with a draft model, DRAFT_CHOICES):
         children drawn from the draft ("sample") or its top tokens ("top"). ``tree_floor``: verify only tree nodes
         whose path value (product of draft probabilities) reaches it; drawn children are never dropped."""
-        if draft_choice not in DRAFT_CHOICES:
-            raise InvalidArgumentError(f"unknown draft choice {draft_choice!r}; use one of {', '.join(DRAFT_CHOICES)}")
+        draft_choice = check_choice("draft choice", draft_choice, DRAFT_CHOICES)
+        sampling = SamplingConfig(check_number("temperature", temperature), check_int("top_k", top_k),
+                                  check_number("top_p", top_p), check_optional_int("seed", seed))
+        ignore_eos, chat, reuse_cache = (check_flag(name, value) for name, value in
+                                         (("ignore_eos", ignore_eos), ("chat", chat), ("reuse_cache", reuse_cache)))
+        temperature = sampling.temperature
         tuned = self.tuned(sampling=temperature > 0)
         if draft_choice == "auto" and temperature > 0 and tuned:
             draft_choice = tuned.get("draft_choice", "top")  # the tuning's measurements hold for what they measured
         if mode == "auto" and tuned.get("mode"):
             mode = tuned["mode"]
         mode = self._resolve_mode(mode, sampling=temperature > 0)
-        if chat or (not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping)):
+        if chat or prompt_kind(prompt) == "messages":
             prompt = self.chat_prompt_ids(prompt)
-        request = self._request(prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), ignore_eos)
+        request = self._request(prompt, check_int("max_new_tokens", max_new_tokens, minimum=1), sampling, ignore_eos)
         draw = draft_choice != "top" and temperature > 0 and mode in ("speculative", "staged")
-        shape = self._tree(tuned, mode, temperature, draw, tree_budget, tree_depth, tree_threshold, tree_floor)
+        shape = self._tree(tuned, mode, temperature, draw, check_optional_int("tree_budget", tree_budget),
+                           check_optional_int("tree_depth", tree_depth),
+                           check_optional_number("tree_threshold", tree_threshold),
+                           check_optional_number("tree_floor", tree_floor))
         stream = TextStream(iter(()))
         stream._pieces = self._run(mode, request, shape, stream, reuse_cache, draw)
         return stream
 
     def _tree(self, tuned: dict, mode: str, temperature: float, draw: bool, budget: int | None, depth: int | None,
               threshold: float | None, floor: float | None) -> TreeShape:
-        """The step's tree: what was asked, else what `--tune` measured, else the measured defaults."""
+        """The step's tree: what was asked, else what `--tune` measured, else the measured defaults. A tree asked
+        for must fit the context; the others shrink to it as every tree does near its end."""
+        self._check_tree_fits(budget, depth)
         trained_greedy = self.vocab_map is not None and temperature == 0 and mode in ("speculative", "staged")
         if budget is None and depth is None:
             if tuned.get("tree_budget"):
@@ -227,6 +264,15 @@ class Generator:
             threshold = (greedy if temperature == 0 else DRAWN_TREE_THRESHOLD if draw else SAMPLING_TREE_THRESHOLD)
         return tree_shape(budget, depth, threshold, floor)
 
+    def _check_tree_fits(self, budget: int | None, depth: int | None) -> None:
+        """Refuse, before anything is allocated, a tree that no verify pass could hold (it asked for 119 GiB at a
+        budget of 10^9)."""
+        for name, value in (("tree budget", budget), ("tree depth", depth)):
+            if value is not None and value >= self.max_positions:
+                raise CapacityError(f"a {name} of {value} cannot fit a context of {self.max_positions} positions "
+                                    f"(the verify pass holds the tree and its root); use at most "
+                                    f"{self.max_positions - 1}")
+
     def tuned(self, sampling: bool) -> dict:
         """The defaults `specx bench --tune` measured fastest on this machine (mode, tree), if any."""
         tuning = self.bundle.manifest.tuning or {}
@@ -238,24 +284,32 @@ class Generator:
         if template is None:
             raise InvalidArgumentError(f"bundle {self.bundle.path.name} has no chat template; drop --chat / chat=True "
                                        "and pass the prompt as plain text")
-        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
-        text = render_chat(template, messages, self.bundle.manifest.tokenizer.special_tokens)
+        kind = prompt_kind(conversation)
+        if kind == "ids":
+            raise InvalidArgumentError("a chat prompt is a user message (str) or a list of {'role', 'content'} "
+                                       "messages, not token ids; drop chat=True to pass token ids")
+        messages = [{"role": "user", "content": conversation}] if kind == "text" else conversation
+        text = check_text("the chat prompt", render_chat(template, messages,
+                                                         self.bundle.manifest.tokenizer.special_tokens))
         return self.bundle.tokenizer.encode(text, add_special_tokens=False).ids
 
     def reserve(self, tokens: int) -> None:
         """Allocate the caches for ``tokens`` positions (prompt + output) now, e.g. for a conversation whose turns
         should all reuse the cache (a cache that has to grow later is reallocated, dropping what it held)."""
+        tokens = check_int("tokens", tokens)
         if not 1 <= tokens <= self.max_positions:
             raise CapacityError(f"cannot reserve {tokens} positions: the limit is {self.max_positions}")
-        for session, extra in ((self.target, TREE_ROWS_SLACK), (self.draft, TREE_ROWS_SLACK)):
-            if session is not None:
+        claim = self._guard.claim()  # a stream this thread left open is superseded: its caches are reset here
+        try:
+            for session in filter(None, (self.target, self.draft)):
                 session.reset()
-                session.reserve(tokens + extra)
+                session.reserve(min(tokens + TREE_ROWS_SLACK, self.max_positions))
+        finally:
+            self._guard.release(claim)
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _resolve_mode(self, mode: str, sampling: bool = False) -> str:
-        if mode not in MODES:
-            raise InvalidArgumentError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        check_choice("mode", mode, MODES)
         if mode == "auto":
             # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower with derived
             # and separate drafts); with a trained feature draft it never won in 8 paired 24-prompt runs (0.01-0.07x
@@ -278,19 +332,14 @@ class Generator:
 
     def _request(self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
                  ignore_eos: bool) -> DecodeRequest:
-        if isinstance(prompt, str):
+        if prompt_kind(prompt) == "text":
             if not prompt.strip():
                 raise InvalidArgumentError("the prompt is empty; pass some text")
-            ids = tuple(self.bundle.tokenizer.encode(prompt).ids)
+            ids = tuple(self.bundle.tokenizer.encode(check_text("the prompt", prompt)).ids)
         else:
-            ids = tuple(int(t) for t in prompt)
+            ids = token_ids(prompt, self.target.contract.vocab_size)
         if not ids:
             raise InvalidArgumentError("the prompt is empty; pass some text")
-        vocab = self.target.contract.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidArgumentError(f"prompt token ids must lie in [0, {vocab})")
-        if max_new_tokens < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(ids) + max_new_tokens > self.max_positions:
             cap = "the model's context" if self.max_context == self.model_context else "--max-context"
             raise CapacityError(
@@ -302,6 +351,15 @@ class Generator:
 
     def _run(self, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream,
              reuse_cache: bool = False, draw_children: bool = False) -> Iterator[str]:
+        """The generation, holding the sessions from its first piece to its end (``specx.runtime.ownership``)."""
+        claim = self._guard.claim()
+        try:
+            yield from self._decode(claim, mode, request, shape, stream, reuse_cache, draw_children)
+        finally:
+            self._guard.release(claim)
+
+    def _decode(self, claim: Claim, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream,
+                reuse_cache: bool, draw_children: bool) -> Iterator[str]:
         rng = np.random.default_rng(request.sampling.seed)
         sessions = [s for s in (self.target, self.draft) if s is not None]
         for session in sessions:
@@ -330,6 +388,7 @@ class Generator:
             piece = decoder.step(self.bundle.tokenizer, token)
             if piece:
                 yield piece
+                claim.check()  # this thread started another generation meanwhile: the caches are no longer ours
         seconds = time.perf_counter() - start
         stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape,
                             session_ngram.seconds if session_ngram else 0.0)

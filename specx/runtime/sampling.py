@@ -27,6 +27,10 @@ class SamplingConfig:
             raise InvalidArgumentError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            raise InvalidArgumentError(f"seed must be an integer >= 0 (or none, for a fresh random seed), got "
+                                       f"{self.seed!r}")
 
     @property
     def greedy(self) -> bool:

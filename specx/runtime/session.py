@@ -18,6 +18,7 @@ positions (an accepted tree path, in path order). Rows past ``past_len`` are gar
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,15 @@ def default_session_options(threads: int | None = None, spinning: bool = True) -
             raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
         options.intra_op_num_threads = threads
     return options
+
+
+def cap_threads(threads: int | None) -> tuple[int | None, str | None]:
+    """``threads`` no higher than this machine's logical cores (more only oversubscribe them; 100,000 hung creating
+    threads): the count to use, and a warning to show when it was lowered."""
+    cores = os.cpu_count()
+    if threads is None or cores is None or threads <= cores:
+        return threads, None
+    return cores, f"{threads} threads asked for, but this machine has {cores} cores: using {cores}"
 
 
 def check_graph(session: ort.InferenceSession, contract: GraphContract, graph: str) -> None:
