@@ -119,8 +119,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
-def save_family(path: Path, variant: str, seed: int = 7) -> Path:
-    """A tiny random checkpoint of ``FAMILIES[variant]`` with a tokenizer, saved to ``path``."""
+def save_family(path: Path, variant: str, seed: int = 7, **sizes: int) -> Path:
+    """A tiny random checkpoint of ``FAMILIES[variant]`` with a tokenizer, saved to ``path``; ``sizes`` override
+    the shared config (benchmarks/families.py builds larger ones)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides = FAMILIES[variant]
@@ -133,6 +134,10 @@ def save_family(path: Path, variant: str, seed: int = 7) -> Path:
                     tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
                     initializer_range=INIT_RANGE)
     settings.update(overrides)
+    settings.update(sizes)
+    if "layer_types" in settings:  # the variant's pattern, repeated over the layers asked for
+        pattern, layers = settings["layer_types"], settings["num_hidden_layers"]
+        settings["layer_types"] = [pattern[i % len(pattern)] for i in range(layers)]
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -148,7 +148,7 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     """The decoder graph. ``head="own"`` gives a tied model its own transposed lm_head copy (quantizable)."""
     float_dtype = "float16" if contract.kv_dtype == "float16" else "float32"
     b = GraphBuilder("specx_decoder", float_dtype)
-    attention = _attention_inputs(b, float_dtype, family.windows)
+    attention = _attention_inputs(b, float_dtype, family.windows, committed_length=not uses_gqa(arch))
     h = _embeddings(b, arch, family, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
@@ -180,9 +180,10 @@ def _features(b: GraphBuilder, layer_inputs: list[str], float_dtype: str) -> Non
     b.rename_output(features, FEATURES)
 
 
-def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...] = ()) -> _Attention:
-    """tree_mask (batch, 1, seq, total) bool -> additive bias, seqlens_k = total - 1 per batch row, total length, the
-    committed length; and one bias per sliding window."""
+def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...] = (),
+                      committed_length: bool = False) -> _Attention:
+    """tree_mask (batch, 1, seq, total) bool -> additive bias, seqlens_k = total - 1 per batch row, total length;
+    one bias per sliding window; and where asked (or windows need it) the committed length."""
     zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
     blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
     bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, total)
@@ -194,6 +195,8 @@ def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...
                  "/model/attn_mask/seqlens_k/Sub")
     batch = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/batch/Shape", end=1)  # (1,)
     seqlens = b.op1("Expand", [last, batch], "/model/attn_mask/seqlens_k/Expand")  # (batch,) int32
+    if not (windows or committed_length):
+        return _Attention(bias, seqlens, total32, {})
     seq = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/seq/Shape", start=1, end=2)  # (1,)
     past = b.op1("Sub", [total, seq], "/model/attn_mask/past/Sub")  # (1,) int64: committed rows
     past_length = b.op1("Expand", [past, batch], "/model/attn_mask/past/Expand")  # (batch,)

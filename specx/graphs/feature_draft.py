@@ -29,7 +29,7 @@ import onnx
 from specx.graphs.builder import GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
 from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs,
-                                  _linear, _mlp, _norm, _skip_norm, graph_opset)
+                                  _linear, _mlp, _norm, _skip_norm, graph_opset, uses_gqa)
 from specx.graphs.architecture import ArchitectureSpec
 
 DRAFT_NORM_EPS = 1e-5
@@ -59,7 +59,7 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     """``arch``: the draft layers' sizes (rope)."""
     family = draft_family(eps)
     b = GraphBuilder("specx_feature_draft", "float32")
-    attention = _attention_inputs(b, "float32")
+    attention = _attention_inputs(b, "float32", committed_length=not uses_gqa(arch))
     hidden = weights.embed.shape[1]
     chunks = b.op1("Reshape", [FEATURES, b.constant("/draft/constants/chunk_shape",
                                                     np.array([0, 0, weights.feature_chunks, hidden], np.int64))],
