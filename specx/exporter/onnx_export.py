@@ -22,20 +22,22 @@ from specx.graphs.passes import embed_contract
 DEFAULT_OPSET = 18
 
 
-def contract_for(adapter: ArchitectureAdapter, kv_dtype: str, feature_layers: tuple[int, ...] = ()) -> GraphContract:
+def contract_for(adapter: ArchitectureAdapter, kv_dtype: str, feature_layers: tuple[int, ...] = (),
+                 top_k: int = 0) -> GraphContract:
+    """``top_k``: a draft's graph computes its top tokens per row (``DRAFT_TOP_K``); a target's does not."""
     spec = adapter.spec
     return GraphContract.decoder(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size, kv_dtype,
-                                 feature_layers, spec.hidden_size)
+                                 feature_layers, spec.hidden_size, top_k)
 
 
 def export_decoder(adapter: ArchitectureAdapter, model: torch.nn.Module, path: Path, kv_dtype: str,
                    opset: int = DEFAULT_OPSET, head: HeadKind = "shared",
-                   feature_layers: tuple[int, ...] = ()) -> GraphContract:
+                   feature_layers: tuple[int, ...] = (), top_k: int = 0) -> GraphContract:
     """Write ``model``'s graph to ``path`` (+ ``path.data``) and its KV-commit helper beside it; return the contract.
 
     ``head="own"`` gives a tied model its own lm_head copy (for weight quantization); ``feature_layers`` adds the
-    features output a trained feature draft reads."""
-    contract = contract_for(adapter, kv_dtype, feature_layers)
+    features output a trained feature draft reads; ``top_k`` a draft's top tokens per row."""
+    contract = contract_for(adapter, kv_dtype, feature_layers, top_k)
     graph = build_decoder(adapter.spec, adapter.family, adapter.weights(model), contract, opset, head)
     embed_contract(graph, contract)
     save_with_external_data(graph, path)

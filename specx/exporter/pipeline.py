@@ -25,6 +25,7 @@ from specx.exporter.ngram_build import DEFAULT_SAMPLE_TOKENS, build_ngram
 from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path, export_decoder
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
+from specx.graphs.contract import DRAFT_TOP_K
 from specx.graphs.passes import weight_bytes
 from specx.graphs.precision import PRECISIONS
 from specx.graphs.quantize import quantize_built, scheme, unquantized_path
@@ -162,7 +163,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     built = unquantized_path(path) if bits else path
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
-                                  feature_layers=feature_layers)
+                                  feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0)
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, precision.float_name).to_dict()
     if bits:

@@ -15,6 +15,11 @@ Decoder graph (target and draft)::
                    kv     (batch, kv_heads, capacity, head_dim)   the static cache: rows [0, past) are committed
     ->
     logits         float32 (batch, seq, vocab)
+    next_tokens    int64   (batch, seq)                 argmax of each row's logits, computed in the graph: all that
+                                                        greedy decoding brings back from the device (graphs exported
+                                                        before it lack it: the runtime then takes the logits)
+    top_tokens     int64   (batch, seq, k)              drafts only: each row's k most likely tokens, most likely
+    top_probs      float32 (batch, seq, k)              first, and their probabilities (softmax of the logits)
     features       float32 (batch, seq, width)          only where ``feature_layers`` is set (a target with a feature
                                                         draft): the inputs of those layers side by side
     present.{i}.key / .value
@@ -55,6 +60,9 @@ INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 TREE_MASK = "tree_mask"
 LOGITS = "logits"
+NEXT_TOKENS = "next_tokens"
+TOP_TOKENS, TOP_PROBS = "top_tokens", "top_probs"
+DRAFT_TOP_K = 8  # a draft graph's top tokens per row, computed in the graph: enough for trees up to 8 wide
 COMMIT_SRC = "src"
 COMMIT_DST = "dst"
 FEATURES = "features"
@@ -114,14 +122,16 @@ class GraphContract:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
-                feature_layers: tuple[int, ...] = (), hidden_size: int = 0) -> "GraphContract":
-        """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads."""
+                feature_layers: tuple[int, ...] = (), hidden_size: int = 0, top_k: int = 0) -> "GraphContract":
+        """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads;
+        ``top_k`` (drafts) the top tokens and probabilities of each row."""
         _check_kv_dtype(kv_dtype)
         if feature_layers and (hidden_size < 1 or any(not 0 <= k < num_layers for k in feature_layers)):
             raise ContractError(f"feature layers {feature_layers} must lie in [0, {num_layers}) with a hidden size")
         width = len(feature_layers) * hidden_size
         inputs = _token_inputs()
-        outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab_size))]
+        outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab_size)),
+                   TensorSpec(NEXT_TOKENS, "int64", ("batch", "seq"))] + _top_outputs(top_k, vocab_size)
         if feature_layers:
             outputs.append(TensorSpec(FEATURES, "float32", ("batch", "seq", width)))
         inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
@@ -130,12 +140,12 @@ class GraphContract:
 
     @classmethod
     def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
-                      kv_dtype: str, num_layers: int = 1) -> "GraphContract":
+                      kv_dtype: str, num_layers: int = 1, top_k: int = DRAFT_TOP_K) -> "GraphContract":
         _check_kv_dtype(kv_dtype)
         inputs = _token_inputs() + [TensorSpec(FEATURES, "float32", ("batch", "feature_rows", feature_width)),
                                     TensorSpec(HIDDEN, "float32", ("batch", "hidden_rows", hidden_size))]
         outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", draft_vocab)),
-                   TensorSpec(HIDDEN_STATES, "float32", ("batch", "seq", hidden_size))]
+                   TensorSpec(HIDDEN_STATES, "float32", ("batch", "seq", hidden_size))] + _top_outputs(top_k, draft_vocab)
         inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
         return cls(FEATURE_DRAFT, num_layers, num_kv_heads, head_dim, draft_vocab, kv_dtype, inputs, outputs, (),
                    feature_width, hidden_size)
@@ -149,8 +159,18 @@ class GraphContract:
     @property
     def extra_outputs(self) -> tuple[TensorSpec, ...]:
         """Per-token outputs besides logits and the cache (features, hidden_states): (batch, seq, width)."""
-        fixed = {LOGITS, *self.present_output_names}
+        fixed = {LOGITS, NEXT_TOKENS, TOP_TOKENS, TOP_PROBS, *self.present_output_names}
         return tuple(s for s in self.outputs if s.name not in fixed)
+
+    @property
+    def top_k(self) -> int:
+        """How many top tokens per row the graph computes (``top_tokens``), 0 if none."""
+        return next((int(s.shape[-1]) for s in self.outputs if s.name == TOP_TOKENS), 0)
+
+    @property
+    def has_next_tokens(self) -> bool:
+        """Whether the graph computes each row's argmax itself (``next_tokens``)."""
+        return any(s.name == NEXT_TOKENS for s in self.outputs)
 
     def kv_commit(self) -> "GraphContract":
         """The contract of the helper graph that moves accepted rows of this decoder's cache into place."""
@@ -219,6 +239,13 @@ class GraphContract:
         """Raise ContractError unless an ONNX Runtime session's inputs and outputs match this contract."""
         _check_args(self.inputs, list(inputs), f"{graph} inputs")
         _check_args(self.outputs, list(outputs), f"{graph} outputs")
+
+
+def _top_outputs(top_k: int, vocab_size: int) -> list[TensorSpec]:
+    k = min(top_k, vocab_size)
+    if k < 1:
+        return []
+    return [TensorSpec(TOP_TOKENS, "int64", ("batch", "seq", k)), TensorSpec(TOP_PROBS, "float32", ("batch", "seq", k))]
 
 
 def _token_inputs() -> list[TensorSpec]:

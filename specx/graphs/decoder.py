@@ -8,7 +8,7 @@ One graph per model, the contract of ``specx.graphs.contract`` (static KV: past 
               --And(window: key position > query position - W)--Where--> one more bias per sliding window
     layer i:   SkipNorm(h, residual) -> x ---- attention(x) ---> a  [-> Norm(a): sandwich families]
                SkipNorm(a, residual) -> x ---- mlp(x) ---------> h  [-> Norm(h): sandwich families]
-    SkipNorm(h, residual) -> MatMul(lm_head) [-> Div, Tanh, Mul: final softcap] -> logits
+    SkipNorm(h, residual) -> MatMul(lm_head) [-> Div, Tanh, Mul: final softcap] -> logits -ArgMax-> next_tokens
     Concat(inputs of the contract's feature layers) -> features           (targets of a feature draft only)
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
@@ -29,7 +29,8 @@ import onnx
 from onnx import TensorProto
 
 from specx.graphs.builder import MS_DOMAIN, GraphBuilder
-from specx.graphs.contract import FEATURES, INPUT_IDS, LOGITS, POSITION_IDS, TREE_MASK, GraphContract
+from specx.graphs.contract import (FEATURES, INPUT_IDS, LOGITS, NEXT_TOKENS, POSITION_IDS, TOP_PROBS, TOP_TOKENS,
+                                   TREE_MASK, GraphContract)
 from specx.graphs.architecture import ArchitectureSpec
 
 MASK_AXIS_TOTAL = 3  # tree_mask (batch, 1, seq, total)
@@ -166,10 +167,30 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
                                      weights.layers[i + 1].attn_norm, h, residual, down_bias)
     x, _ = _skip_norm(b, "/model/norm", family, weights.final_norm, h, residual, down_bias)
     logits = _lm_head(b, family, weights, x, head, float_dtype)
+    if contract.has_next_tokens:
+        _next_tokens(b, logits)
+    if contract.top_k:
+        top_tokens(b, logits, contract.top_k)
     b.rename_output(logits, LOGITS)
     if contract.feature_layers:
         _features(b, [layer_inputs[k] for k in contract.feature_layers], float_dtype)
     return b.model(contract.inputs, contract.outputs, graph_opset(arch, opset))
+
+
+def _next_tokens(b: GraphBuilder, logits: str) -> None:
+    """logits (batch, seq, vocab) -ArgMax-> next_tokens (batch, seq) int64: the first maximum, as numpy's argmax."""
+    tokens = b.op1("ArgMax", [logits], "/lm_head/ArgMax", axis=-1, keepdims=0, select_last_index=0)
+    b.rename_output(tokens, NEXT_TOKENS)
+
+
+def top_tokens(b: GraphBuilder, logits: str, k: int) -> None:
+    """logits (batch, seq, vocab) -Softmax-TopK(k)-> top_probs, top_tokens (batch, seq, k): a draft's proposals,
+    most likely first (ties: the lower token id first, as a stable sort)."""
+    probs = b.op1("Softmax", [logits], "/lm_head/Softmax", axis=-1)
+    values, indices = b.op("TopK", [probs, b.constant("/lm_head/top_k", np.array([k], np.int64))], "/lm_head/TopK",
+                           outputs=2, axis=-1, largest=1, sorted=1)
+    b.rename_output(values, TOP_PROBS)
+    b.rename_output(indices, TOP_TOKENS)
 
 
 def _features(b: GraphBuilder, layer_inputs: list[str], float_dtype: str) -> None:

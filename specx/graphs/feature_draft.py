@@ -29,7 +29,7 @@ import onnx
 from specx.graphs.builder import GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
 from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs,
-                                  _linear, _mlp, _norm, _skip_norm, graph_opset, uses_gqa)
+                                  _linear, _mlp, _norm, _skip_norm, graph_opset, top_tokens, uses_gqa)
 from specx.graphs.architecture import ArchitectureSpec
 
 DRAFT_NORM_EPS = 1e-5
@@ -90,6 +90,8 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
     normed, out = x, residual
     b.rename_output(out, HIDDEN_STATES)
     logits = b.op1("MatMul", [normed, b.weight("lm_head.weight", weights.head)], "/lm_head/MatMul")
+    if contract.top_k:
+        top_tokens(b, logits, contract.top_k)
     b.rename_output(logits, LOGITS)
     return b.model(contract.inputs, contract.outputs, graph_opset(arch, opset))
 

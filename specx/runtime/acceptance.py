@@ -54,6 +54,21 @@ def accept(tree: Tree, tokens: np.ndarray, logits: np.ndarray, sampling: Samplin
         path.append(node)
 
 
+def accept_greedy(tree: Tree, tokens: np.ndarray, argmaxes: np.ndarray) -> Acceptance:
+    """Rule A for greedy decoding from each node's argmax (n,) alone (the graph's ``next_tokens``): the same walk
+    as ``accept`` with greedy sampling."""
+    path: list[int] = []
+    node = 0
+    while True:
+        token = int(argmaxes[node])
+        children = tree.children(node)
+        match = children[tokens[children] == token]
+        if not match.size:
+            return Acceptance(tuple(path), token)
+        node = int(match[0])
+        path.append(node)
+
+
 def speculative_sample(drawn: SampledChildren, tokens: np.ndarray, p: np.ndarray,
                        rng: np.random.Generator) -> tuple[int, int]:
     """Rule B at one node: (accepted child, its token), or (-1, the token emitted instead). ``p`` (vocab,) float64."""

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from specx.runtime.acceptance import Acceptance, accept
+from specx.runtime.acceptance import Acceptance, accept, accept_greedy
 from specx.graphs.contract import FEATURES
 from specx.runtime.drafting import DraftModel, DraftSampler, DraftTree, StageTwoLog, TreeShape, grow_tree
 from specx.runtime.feature_draft import FeatureDraft, FeatureLog
@@ -54,16 +54,36 @@ def feed(session: DecoderSession, tokens: np.ndarray) -> np.ndarray:
     return logits[0, -1]
 
 
+def prefill(session: DecoderSession, tokens: np.ndarray) -> None:
+    """``feed`` whose logits nobody reads (the rows before a tree's root): only the argmax row leaves the graph, not
+    (seq, vocab) logits (20 MB for a 100-token prompt over a 49k vocabulary)."""
+    run = chain(tokens.size)
+    session.forward_tokens(tokens.reshape(1, -1), run.positions(session.past_len), run.attention_mask(session.past_len))
+    session.commit()
+
+
+def feed_next(session: DecoderSession, tokens: np.ndarray, sampling: SamplingConfig,
+              rng: np.random.Generator) -> int:
+    """``feed``, then plain decoding's choice of the next token. Greedy takes the graph's own argmax
+    (``next_tokens``): the logits stay on the device."""
+    if sampling.greedy:
+        run = chain(tokens.size)
+        ids = session.forward_tokens(tokens.reshape(1, -1), run.positions(session.past_len),
+                                     run.attention_mask(session.past_len))  # (1, seq)
+        session.commit()
+        return int(ids[0, -1])
+    return choose_token(feed(session, tokens), sampling, rng)
+
+
 def autoregressive(target: DecoderSession, request: DecodeRequest, rng: np.random.Generator) -> Iterator[int]:
     """Plain decoding: one target pass per token. Cached rows the prompt starts with are reused."""
     cached = target.reuse(request.prompt_ids[:-1])  # at least the last prompt token is fed: its logits are needed
-    logits = feed(target, np.asarray(request.prompt_ids[cached:], dtype=np.int64))
+    token = feed_next(target, np.asarray(request.prompt_ids[cached:], dtype=np.int64), request.sampling, rng)
     for produced in range(1, request.max_new_tokens + 1):
-        token = choose_token(logits, request.sampling, rng)
         yield token
         if token in request.stop_ids or produced == request.max_new_tokens:
             return
-        logits = feed(target, np.asarray([token], dtype=np.int64))
+        token = feed_next(target, np.asarray([token], dtype=np.int64), request.sampling, rng)
 
 
 class ModelDrafter:
@@ -169,7 +189,7 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
     committed = list(request.prompt_ids)
     cached = target.reuse(committed[:-1])  # cached rows the prompt starts with are reused
     if len(committed) - 1 > cached:
-        feed(target, np.asarray(committed[cached:-1], dtype=np.int64))
+        prefill(target, np.asarray(committed[cached:-1], dtype=np.int64))
         drafter.prefilled(target, cached)
     drafter.start(committed)
     sampler = DraftSampler(request.sampling, rng) if draw_children and not request.sampling.greedy else None
@@ -179,9 +199,12 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
         room = request.max_positions - len(committed)  # positions left after the root's
         # the verify pass holds the root and the nodes after the committed rows: at most `room` nodes fit the graph
         drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room), room), sampler)
-        logits = verify(target, drafted)
         log.verified.append(drafted.tokens.size - 1)
-        result = accept(drafted.tree, drafted.tokens, logits, request.sampling, rng, drafted.sampled)
+        if request.sampling.greedy:  # only each node's argmax leaves the device
+            result = accept_greedy(drafted.tree, drafted.tokens, verify(target, drafted, greedy=True))
+        else:
+            result = accept(drafted.tree, drafted.tokens, verify(target, drafted), request.sampling, rng,
+                            drafted.sampled)
         target.commit([0, *result.path])  # root + accepted nodes, in path order
         drafter.commit(target, drafted, result, len(committed))
         log.accepted.append(len(result.path))
@@ -193,10 +216,11 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
                 return
 
 
-def verify(target: DecoderSession, drafted: DraftTree) -> np.ndarray:
-    """ONE target pass over every node: logits (n, vocab)."""
+def verify(target: DecoderSession, drafted: DraftTree, greedy: bool = False) -> np.ndarray:
+    """ONE target pass over every node: logits (n, vocab), or for ``greedy`` each node's argmax (n,)."""
     tree = drafted.tree
-    return target.forward(
+    run = target.forward_tokens if greedy else target.forward
+    return run(
         drafted.tokens[None],  # (1, n)
         tree.positions(target.past_len),  # (1, n): committed length - 1 + depth
         tree.attention_mask(target.past_len),  # (1, 1, n, past + n)

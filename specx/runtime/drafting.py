@@ -116,19 +116,31 @@ class DraftTree:
 
 @dataclass(frozen=True)
 class DraftPass:
-    logits: np.ndarray  # (rows, draft vocabulary)
+    logits: np.ndarray | None  # (rows, draft vocabulary); None when the graph gave its top tokens instead
     hidden: np.ndarray | None = None  # (rows, hidden): a feature draft's states, read by the rows below
+    top: tuple[np.ndarray, np.ndarray] | None = None  # (rows, k) draft ids and probabilities, most likely first
+
+
+def draft_pass(session: DecoderSession, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, top: int,
+               extra: dict[str, np.ndarray] | None = None) -> DraftPass:
+    """One draft pass. ``top`` > 0: only the ``top`` most likely tokens per row are needed (children by rule A):
+    where the graph computes at least that many (``top_tokens``), only those leave it; otherwise the logits."""
+    if 0 < top <= session.contract.top_k:
+        ids, probs = session.forward_top(tokens, positions, mask, extra)
+        return DraftPass(None, top=(ids[0], probs[0]))  # (rows, k) each
+    return DraftPass(session.forward(tokens, positions, mask, extra)[0])
 
 
 class DraftModel(Protocol):
     session: DecoderSession
     vocab_map: np.ndarray | None  # draft vocabulary id -> target token id; None: the same vocabulary
 
-    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> DraftPass:
-        """The step's first call: committed tokens the draft has not seen, ending with the root."""
+    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, top: int = 0) -> DraftPass:
+        """The step's first call: committed tokens the draft has not seen, ending with the root. ``top`` > 0: the
+        children come from that many top tokens (``draft_pass``)."""
 
     def level(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-              states: np.ndarray | None) -> DraftPass:
+              states: np.ndarray | None, top: int = 0) -> DraftPass:
         """A tree level: ``states`` (rows, hidden) = each row's parent's hidden state (feature drafts)."""
 
 
@@ -140,12 +152,12 @@ class TokenDraft:
     def __init__(self, session: DecoderSession):
         self.session = session
 
-    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> DraftPass:
-        return DraftPass(self.session.forward(tokens, positions, mask)[0])
+    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, top: int = 0) -> DraftPass:
+        return draft_pass(self.session, tokens, positions, mask, top)
 
     def level(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-              states: np.ndarray | None) -> DraftPass:
-        return self.first(tokens, positions, mask)  # no states to read: every call is the same pass
+              states: np.ndarray | None, top: int = 0) -> DraftPass:
+        return self.first(tokens, positions, mask, top)  # no states to read: every call is the same pass
 
 
 @dataclass
@@ -190,6 +202,11 @@ class _Growth:
             return
         if self.sampler is not None:
             self._draw_children(node, out.logits[row])
+            return
+        if out.top is not None:  # the graph's own top tokens, most likely first
+            ids, probs = out.top
+            for index, prob in zip(ids[row, : self.shape.width], probs[row, : self.shape.width]):
+                self._child(node, int(index), float(prob))
             return
         probs = softmax(out.logits[row].astype(np.float64))
         for index in _top(probs, self.shape.width):
@@ -261,7 +278,8 @@ def grow_tree(model: DraftModel, pending: np.ndarray, shape: TreeShape, proposer
     draft = model.session
     root_pos = draft.past_len + pending.size - 1
     run = chain(pending.size)
-    out = model.first(pending[None], run.positions(draft.past_len), run.attention_mask(draft.past_len))
+    top = shape.width if sampler is None else 0  # children by rule A need only the top tokens
+    out = model.first(pending[None], run.positions(draft.past_len), run.attention_mask(draft.past_len), top)
     draft.commit()
     growth = _Growth(shape, root_pos, committed=draft.past_len, vocab_map=model.vocab_map, sampler=sampler)
     growth.add(int(pending[-1]), -1, 1.0)
@@ -278,7 +296,7 @@ def grow_tree(model: DraftModel, pending: np.ndarray, shape: TreeShape, proposer
                 break
             spare = free - len(frontier)
         chains = _propose(growth, frontier, proposer, context, stage_two, spare)
-        _draft_call(model, growth, frontier, chains, stage_two)
+        _draft_call(model, growth, frontier, chains, stage_two, top)
     return _select(growth)
 
 
@@ -302,7 +320,7 @@ def _propose(growth: _Growth, frontier: list[int], proposer: Proposer | None, co
 
 
 def _draft_call(model: DraftModel, growth: _Growth, frontier: list[int], chains: list[list[int]],
-                log: StageTwoLog | None) -> None:
+                log: StageTwoLog | None, top: int = 0) -> None:
     """One draft call over the frontier nodes and the chains proposed below them.
 
     A feature draft's row reads its parent's hidden state. A chain token's parent runs in the same call, so its
@@ -328,7 +346,8 @@ def _draft_call(model: DraftModel, growth: _Growth, frontier: list[int], chains:
     for row, seen in enumerate(visible):
         mask[0, 0, row, seen] = True
     hidden = np.stack(states)[None] if states[0] is not None else None  # (1, rows, hidden)
-    out = model.level(np.asarray([tokens], dtype=np.int64), np.asarray([positions], dtype=np.int64), mask, hidden)
+    out = model.level(np.asarray([tokens], dtype=np.int64), np.asarray([positions], dtype=np.int64), mask, hidden,
+                      top)
     draft.commit()
     row = 0
     for node, proposal in zip(frontier, chains):

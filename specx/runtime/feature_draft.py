@@ -12,13 +12,14 @@ Only which tokens are proposed depends on the draft; acceptance (rule A) keeps t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 import numpy as np
 
 from specx.errors import ContractError
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES
-from specx.runtime.drafting import DraftPass
+from specx.runtime.drafting import DraftPass, draft_pass
 from specx.runtime.session import DecoderSession
 
 
@@ -33,20 +34,20 @@ class FeatureDraft:
         self._no_hidden = np.zeros((1, 0, contract.hidden_size), np.float32)  # (batch, hidden_rows=0, hidden)
         self.pending_features = self._no_features[0]  # (rows, F): set by the drafter before each step
 
-    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> DraftPass:
+    def first(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, top: int = 0) -> DraftPass:
         feeds = {FEATURES: self.pending_features[None], HIDDEN: self._no_hidden}
-        return self._pass(tokens, positions, mask, feeds)
+        return self._pass(tokens, positions, mask, feeds, top)
 
     def level(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-              states: np.ndarray | None) -> DraftPass:
+              states: np.ndarray | None, top: int = 0) -> DraftPass:
         if states is None:
             raise ValueError("a feature draft's tree level needs its parents' hidden states")
-        return self._pass(tokens, positions, mask, {FEATURES: self._no_features, HIDDEN: states})
+        return self._pass(tokens, positions, mask, {FEATURES: self._no_features, HIDDEN: states}, top)
 
     def _pass(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-              feeds: dict[str, np.ndarray]) -> DraftPass:
-        logits = self.session.forward(tokens, positions, mask, feeds)
-        return DraftPass(logits[0], self.session.outputs[HIDDEN_STATES][0].copy())  # (rows, K), (rows, hidden)
+              feeds: dict[str, np.ndarray], top: int) -> DraftPass:
+        out = draft_pass(self.session, tokens, positions, mask, top, feeds)  # logits (rows, K) or top tokens
+        return replace(out, hidden=self.session.outputs[HIDDEN_STATES][0].copy())  # (rows, hidden)
 
 
 class FeatureLog:

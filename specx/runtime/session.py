@@ -29,8 +29,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from specx.errors import BundleError, CapacityError, ContractError, InvalidArgumentError, ProviderError
-from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, POSITION_IDS, TREE_MASK,
-                                   GraphContract)
+from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, NEXT_TOKENS, POSITION_IDS,
+                                   TOP_PROBS, TOP_TOKENS, TREE_MASK, GraphContract)
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -38,6 +38,8 @@ _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 _QUIET = 4  # ORT logger severity FATAL: silences the expected CUDA probe failure on CPU-only machines
 REUSED_LOGITS_ROWS = 64  # logits buffers of passes up to this many rows are kept for reuse
 CACHE_BLOCK = 64  # cache capacities are rounded up to a multiple of this many positions
+# What each kind of pass brings back to the host (the others stay unbound: ORT keeps them on the device)
+_PASS_OUTPUTS = {LOGITS: (LOGITS,), NEXT_TOKENS: (NEXT_TOKENS,), TOP_TOKENS: (TOP_TOKENS, TOP_PROBS)}
 
 
 @dataclass(frozen=True)
@@ -148,9 +150,8 @@ class DecoderSession:
         self._committer = committer
         self._kv_type = _NUMPY_KV[contract.kv_dtype]
         self._cache: list[ort.OrtValue] = []  # one per past name: (batch, kv_heads, capacity, head_dim)
-        self._binding: ort.IOBinding | None = None  # the decoder's binding: the cache bound once per allocation
-        self._host: dict[int, dict[str, tuple[np.ndarray, ort.OrtValue]]] = {}  # seq -> output name -> host buffer
-        self._widths = {LOGITS: contract.vocab_size, **{s.name: int(s.shape[-1]) for s in contract.extra_outputs}}
+        self._bindings: dict[str, ort.IOBinding] = {}  # per kind of pass: the cache bound once per allocation
+        self._host: dict[tuple[int, str], dict[str, tuple[np.ndarray, ort.OrtValue]]] = {}  # (seq, wanted) -> buffers
         self._extra_inputs = contract.extra_inputs
         self.outputs: dict[str, np.ndarray] = {}  # the last pass's outputs besides logits (features, hidden_states)
         self.capacity = 0
@@ -205,10 +206,14 @@ class DecoderSession:
             for _ in self.contract.past_input_names
         ]
         self.capacity = capacity
-        self._binding = self._decoder.io_binding()
+        # one binding per kind of pass (logits or next_tokens brought back), the cache bound once in each
+        self._bindings = {wanted: self._bind_cache(self._decoder.io_binding()) for wanted in _PASS_OUTPUTS}
+
+    def _bind_cache(self, io: ort.IOBinding) -> ort.IOBinding:
         for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
-            self._binding.bind_ortvalue_input(past, value)  # (batch, kv_heads, capacity, head_dim), written in place
-            self._binding.bind_ortvalue_output(present, value)
+            io.bind_ortvalue_input(past, value)  # (batch, kv_heads, capacity, head_dim), written in place
+            io.bind_ortvalue_output(present, value)
+        return io
 
     # -- passes ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
@@ -220,6 +225,31 @@ class DecoderSession:
         length: copy what you keep). The pass's KV stays pending until ``commit``; a second forward without commit
         overwrites it.
         """
+        buffers = self._run(input_ids, position_ids, tree_mask, extra, LOGITS)
+        return buffers[LOGITS][0].copy()  # (batch, seq, vocab); the buffer is reused by the next pass of this length
+
+    def forward_tokens(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+                       extra: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """``forward`` for greedy decoding: return each row's argmax (batch, seq) int64, computed in the graph where
+        it has ``next_tokens`` (the logits then never leave the device), else from the logits here."""
+        if not self.contract.has_next_tokens:
+            return np.argmax(self.forward(input_ids, position_ids, tree_mask, extra), axis=-1)
+        buffers = self._run(input_ids, position_ids, tree_mask, extra, NEXT_TOKENS)
+        return buffers[NEXT_TOKENS][0].copy()  # (batch, seq)
+
+    def forward_top(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+                    extra: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``forward`` for a draft growing a tree from its top tokens: (top_tokens int64, top_probs float32), each
+        (batch, seq, k), most likely first, computed in the graph (``contract.top_k`` > 0): no logits leave it."""
+        if not self.contract.top_k:
+            raise InvalidArgumentError("this graph computes no top tokens; use forward()")
+        buffers = self._run(input_ids, position_ids, tree_mask, extra, TOP_TOKENS)
+        return buffers[TOP_TOKENS][0].copy(), buffers[TOP_PROBS][0].copy()
+
+    def _run(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+             extra: Mapping[str, np.ndarray] | None, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """One pass with ``wanted`` (logits or next_tokens) and the extra outputs bound to host buffers; the other
+        of logits / next_tokens stays unbound (ORT keeps it on the device)."""
         seq = input_ids.shape[1]
         total = self.past_len + seq
         expected_mask = (self.batch, 1, seq, total)
@@ -231,7 +261,7 @@ class DecoderSession:
         if total > self.capacity:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
-        io = self._binding
+        io = self._bindings[wanted]
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         io.bind_cpu_input(TREE_MASK, np.ascontiguousarray(tree_mask, dtype=bool))
@@ -239,30 +269,35 @@ class DecoderSession:
             if extra is None or spec.name not in extra:
                 raise InvalidArgumentError(f"this graph needs the input {spec.name!r}")
             io.bind_cpu_input(spec.name, np.ascontiguousarray(extra[spec.name], dtype=np.float32))
-        buffers = self._buffers(seq)
+        buffers = self._buffers(seq, wanted)
         for name, (_, value) in buffers.items():
             io.bind_ortvalue_output(name, value)
         start = time.perf_counter()
         self._decoder.run_with_iobinding(io)
-        logits = buffers[LOGITS][0].copy()  # (batch, seq, vocab); the buffer is reused by the next pass of this length
-        self.outputs = {name: host for name, (host, _) in buffers.items() if name != LOGITS}
+        self.outputs = {name: host for name, (host, _) in buffers.items() if name not in _PASS_OUTPUTS[wanted]}
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self._pending_len = seq
         self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
-        return logits
+        return buffers
 
-    def _buffers(self, seq: int) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+    def _buffers(self, seq: int, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
         """Host arrays the pass writes its per-token outputs into (OrtValues over the arrays' memory, no extra
-        copy): logits (batch, seq, vocab) and the contract's other outputs (batch, seq, width)."""
-        if seq in self._host:
-            return self._host[seq]
+        copy): what ``wanted`` names (``_PASS_OUTPUTS``) and the contract's other outputs (batch, seq, width)."""
+        key = (seq, wanted)
+        if key in self._host:
+            return self._host[key]
+        shapes = {LOGITS: ((self.contract.vocab_size,), np.float32), NEXT_TOKENS: ((), np.int64),
+                  TOP_TOKENS: ((self.contract.top_k,), np.int64), TOP_PROBS: ((self.contract.top_k,), np.float32)}
+        shapes.update({s.name: ((int(s.shape[-1]),), np.float32) for s in self.contract.extra_outputs})
+        names = [*_PASS_OUTPUTS[wanted], *(s.name for s in self.contract.extra_outputs)]
         buffers = {}
-        for name, width in self._widths.items():
-            host = np.empty((self.batch, seq, width), dtype=np.float32)
+        for name in names:
+            tail, dtype = shapes[name]
+            host = np.empty((self.batch, seq, *tail), dtype=dtype)
             buffers[name] = (host, ort.OrtValue.ortvalue_from_numpy(host, "cpu", 0))
         if seq <= REUSED_LOGITS_ROWS:  # steps and trees; a long prompt's buffers are not kept
-            self._host[seq] = buffers
+            self._host[key] = buffers
         return buffers
 
     def commit(self, keep: Sequence[int] | np.ndarray | None = None) -> None:
