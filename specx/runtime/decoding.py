@@ -17,7 +17,7 @@ from specx.runtime.feature_draft import FeatureDraft, FeatureLog
 from specx.runtime.ngram import SessionNgram
 from specx.runtime.sampling import SamplingConfig, choose_token
 from specx.runtime.session import DecoderSession
-from specx.runtime.tree import chain
+from specx.runtime.tree import bucket_size, chain, padded_pass
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class DecodeRequest:
     sampling: SamplingConfig
     stop_ids: frozenset[int]  # empty when EOS is ignored
     max_positions: int  # the target's context
+    tree_buckets: tuple[int, ...] = ()  # verify passes padded to these sizes (fixed shapes for CUDA graphs); () none
 
 
 @dataclass
@@ -200,10 +201,12 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
         # the verify pass holds the root and the nodes after the committed rows: at most `room` nodes fit the graph
         drafted = drafter.draft(committed, shape.limited(min(remaining - 1, room), room), sampler)
         log.verified.append(drafted.tokens.size - 1)
+        room = min(request.max_positions, target.capacity) - target.past_len  # rows a padded pass may fill
+        size = bucket_size(drafted.tokens.size, request.tree_buckets, room)
         if request.sampling.greedy:  # only each node's argmax leaves the device
-            result = accept_greedy(drafted.tree, drafted.tokens, verify(target, drafted, greedy=True))
+            result = accept_greedy(drafted.tree, drafted.tokens, verify(target, drafted, greedy=True, size=size))
         else:
-            result = accept(drafted.tree, drafted.tokens, verify(target, drafted), request.sampling, rng,
+            result = accept(drafted.tree, drafted.tokens, verify(target, drafted, size=size), request.sampling, rng,
                             drafted.sampled)
         target.commit([0, *result.path])  # root + accepted nodes, in path order
         drafter.commit(target, drafted, result, len(committed))
@@ -216,10 +219,13 @@ def speculative(target: DecoderSession, drafter: Drafter, request: DecodeRequest
                 return
 
 
-def verify(target: DecoderSession, drafted: DraftTree, greedy: bool = False) -> np.ndarray:
-    """ONE target pass over every node: logits (n, vocab), or for ``greedy`` each node's argmax (n,)."""
-    tree = drafted.tree
+def verify(target: DecoderSession, drafted: DraftTree, greedy: bool = False, size: int | None = None) -> np.ndarray:
+    """ONE target pass over every node: logits (n, vocab), or for ``greedy`` each node's argmax (n,). ``size`` >
+    n pads the pass with dummy rows (``padded_pass``), whose outputs are dropped here."""
+    tree, n = drafted.tree, drafted.tokens.size
     run = target.forward_tokens if greedy else target.forward
+    if size is not None and size > n:
+        return run(*padded_pass(tree, drafted.tokens, target.past_len, size))[0, :n]
     return run(
         drafted.tokens[None],  # (1, n)
         tree.positions(target.past_len),  # (1, n): committed length - 1 + depth

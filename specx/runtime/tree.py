@@ -23,6 +23,8 @@ import numpy as np
 from specx.errors import InvalidArgumentError
 
 CHAIN_CACHE = 128  # chains of distinct lengths kept built
+# Verify passes padded to these sizes give a few fixed shapes (each one captured CUDA graph); see padded_pass
+TREE_BUCKETS = (1, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -83,3 +85,28 @@ def chain(n: int) -> Tree:
     if n < 1:
         raise InvalidArgumentError("a chain needs at least one token")
     return build_tree(np.arange(-1, n - 1))
+
+
+def bucket_size(n: int, buckets: tuple[int, ...], room: int) -> int:
+    """The smallest bucket that holds ``n`` nodes within ``room`` rows; ``n`` itself where none does."""
+    return next((b for b in sorted(buckets) if n <= b <= room), n)
+
+
+def padded_pass(tree: Tree, tokens: np.ndarray, past_len: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pass's (input_ids (1, size), position_ids (1, size), tree_mask (1, 1, size, past_len + size)) for ``tree``
+    padded with ``size - n`` dummy rows after its own. A dummy row repeats the root's token and position and sees
+    the cache and itself only; no real row sees it, so the real rows' outputs and KV are exactly the unpadded
+    pass's, and the dummies' rows (never committed) are overwritten like any rejected node's."""
+    n = tree.size
+    if size < n:
+        raise InvalidArgumentError(f"cannot pad a tree of {n} nodes to {size}")
+    ids = np.full((1, size), tokens[0], dtype=np.int64)
+    ids[0, :n] = tokens
+    positions = np.full((1, size), past_len, dtype=np.int64)
+    positions[0, :n] = tree.positions(past_len)[0]
+    mask = np.zeros((1, 1, size, past_len + size), dtype=bool)
+    mask[0, 0, :, :past_len] = True
+    mask[0, 0, :n, past_len:past_len + n] = tree.mask
+    pads = np.arange(n, size)
+    mask[0, 0, pads, past_len + pads] = True
+    return ids, positions, mask
