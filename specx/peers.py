@@ -6,10 +6,15 @@ an error. Imported only by the CLI's bench command; the runtime never imports th
     transformers   the bundle's target source (hub id, directory or GGUF) through transformers' generate, fp32,
                    greedy or sampled, EOS ignored; needs the export extra
     llama.cpp      llama-cpp-python on a .gguf target source
+    onnxruntime-genai
+                   onnxruntime-genai's own C++ loop in its own venv, on its builder's model of the target source at the
+                   bundle's precision (built once, cached); specx.peers_genai. Its worker times each generation
+                   itself, so the pipe between the processes is not timed
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +25,17 @@ from specx.runtime.manifest import Manifest
 KNOWN = ("transformers", "llama.cpp", "onnxruntime-genai")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Peer:
     name: str
     run: Callable[[list[int], int, float, int], list[int]]  # (prompt ids, new tokens, temperature, seed) -> tokens
+    # A peer that times itself (its own process): (prompt ids, new tokens, temperature, seed) -> (tokens, seconds).
+    timed_run: Callable[[list[int], int, float, int], tuple[list[int], float]] | None = None
 
     def generate(self, prompt_ids: list[int], new_tokens: int, temperature: float,
                  seed: int) -> tuple[list[int], float]:
+        if self.timed_run is not None:
+            return self.timed_run(prompt_ids, new_tokens, temperature, seed)
         start = time.perf_counter()
         tokens = self.run(prompt_ids, new_tokens, temperature, seed)
         return tokens, time.perf_counter() - start
@@ -41,13 +50,13 @@ def load_peers(names: Sequence[str], manifest: Manifest, threads: int | None,
             note(f"--against {name}: unknown peer (known: {', '.join(KNOWN)}); skipped")
             continue
         try:
-            peers.append(loader(manifest, threads))
+            peers.append(loader(manifest, threads, note))
         except (ImportError, OSError, ValueError, RuntimeError) as exc:
             note(f"--against {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     return peers
 
 
-def _transformers(manifest: Manifest, threads: int | None) -> Peer:
+def _transformers(manifest: Manifest, threads: int | None, note: Callable[[str], None]) -> Peer:
     import torch
 
     from specx.exporter.sources import load_source
@@ -71,7 +80,7 @@ def _transformers(manifest: Manifest, threads: int | None) -> Peer:
     return Peer("transformers", run)
 
 
-def _llama_cpp(manifest: Manifest, threads: int | None) -> Peer:
+def _llama_cpp(manifest: Manifest, threads: int | None, note: Callable[[str], None]) -> Peer:
     source = Path(manifest.target.source).expanduser()
     if source.suffix.lower() != ".gguf" or not source.is_file():
         raise ValueError("llama.cpp needs the target as a local .gguf file")
@@ -92,10 +101,24 @@ def _llama_cpp(manifest: Manifest, threads: int | None) -> Peer:
     return Peer("llama.cpp", run)
 
 
-def _genai(manifest: Manifest, threads: int | None) -> Peer:
-    """Skipped with a note: its model is its own builder's, not this bundle's graphs."""
-    raise ValueError("onnxruntime-genai needs its own model build: use benchmarks/peers/setup-genai.sh and "
-                     "benchmarks/fast_graphs.py --genai")
+def _genai(manifest: Manifest, threads: int | None, note: Callable[[str], None]) -> Peer:
+    """genai's builder's model of the target source (cached), decoded by its own loop in its own venv's process, with
+    specx's thread count (ONNX Runtime's default when --threads is not given is the physical cores; the logical
+    count stands in for it here, since genai's config would otherwise run one thread)."""
+    from specx import peers_genai as g
+
+    python = g.find_python()
+    source = g.resolve_source(manifest.target.source)
+    root = g.peers_dir()
+    model = g.build_model(python, source, g.genai_precision(manifest.dtype), root, note)
+    threads = threads or os.cpu_count() or 1
+    worker = g.Worker(g.worker_command(python, model, threads), root / g.LOGS_DIR / "genai-worker.log")
+    note(f"onnxruntime-genai {worker.version}: {model.name} ({g.genai_precision(manifest.dtype)}), {threads} threads")
+
+    def run(prompt_ids: list[int], new_tokens: int, temperature: float, seed: int) -> list[int]:
+        return worker.generate(prompt_ids, new_tokens, temperature, seed)[0]
+
+    return Peer("onnxruntime-genai", run, worker.generate)
 
 
 _LOADERS = {"transformers": _transformers, "llama.cpp": _llama_cpp, "onnxruntime-genai": _genai}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make onnxruntime-genai 0.18.0 a runnable benchmark peer, in its own venv (never a specx dependency):
-#   1. venv at $SPECX_PEERS/genai-venv with onnxruntime-genai and its builder's needs
+#   1. venv at $SPECX_PEERS/genai-venv with onnxruntime-genai and its builder's needs (python -m specx.peers_genai setup)
 #   2. a Hugging Face directory from the SmolLM2 GGUF ($SPECX_PEERS/smollm2-hf)
 #   3. onnxruntime-genai's own fp32 and int4 CPU models ($SPECX_PEERS/genai-fp32, $SPECX_PEERS/genai-int4)
 # Idempotent: each step is skipped when its output exists. Prints the paths at the end.
@@ -26,21 +26,18 @@ quiet() {
   fi
 }
 
-# 1. venv. torch is pinned: 2.13.0 is a local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-if ! [ -x "$py" ] || ! "$py" -c 'import onnxruntime_genai, onnx_ir, onnx, transformers, gguf, accelerate, torch, tokenizers' 2>/dev/null; then
-  echo "== venv: $venv"
-  python3 -m venv "$venv"
-  quiet pip "$py" -m pip install onnxruntime-genai==0.18.0 onnx-ir onnx transformers gguf accelerate torch==2.13.0
-else
-  echo "== venv exists: $venv"
-fi
+# 1. venv: specx's own setup of the peer (specx/peers_genai.py, the one `specx bench --against onnxruntime-genai`
+# names), run with specx's python so that torch is pinned to the version installed there (an unpinned torch would
+# pull a multi-GB CUDA build). Skipped when the venv already has everything.
+specx_python="${SPECX_PYTHON:-$here/../../.venv/bin/python}"
+SPECX_PEERS="$peers" "$specx_python" -m specx.peers_genai setup
 
 # 2. Hugging Face directory from the GGUF.
 if ! [ -s "$hf_dir/config.json" ] || ! [ -s "$hf_dir/tokenizer.json" ]; then
   # The repo's copy of shared/bench/get-smollm2.sh (same cache path); SMOLLM2_GGUF overrides.
   gguf="${SMOLLM2_GGUF:-$(bash "$here/../../scripts/get-smollm2.sh" | tail -n1)}"
   echo "== HF dir from $gguf"
-  quiet hf-from-gguf "$py" "$here/hf_from_gguf.py" "$gguf" "$hf_dir"
+  quiet hf-from-gguf "$py" -I "$here/../../specx/peer_workers/hf_from_gguf.py" "$gguf" "$hf_dir"
 else
   echo "== HF dir exists: $hf_dir"
 fi

@@ -1,6 +1,8 @@
-"""Turn the SmolLM2 GGUF into a plain Hugging Face model directory (fp32 safetensors + tokenizer).
+"""Turn a GGUF into a plain Hugging Face model directory (fp32 safetensors + tokenizer), any family transformers
+reads from GGUF.
 
-Run with the peers venv's python (needs transformers, gguf, accelerate, torch):
+Run with a peer venv's python (needs transformers, gguf, accelerate, torch); specx.peers_genai and
+benchmarks/peers/setup-genai.sh run it by path, it imports nothing from specx:
 
     python hf_from_gguf.py GGUF_FILE OUT_DIR
 
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
     # With tied embeddings the GGUF has no separate lm_head; anything else missing is a real problem.

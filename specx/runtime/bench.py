@@ -154,14 +154,15 @@ def summarise(rows: Sequence[BenchRow]) -> list[dict]:
 
 
 def format_table(summary: Sequence[dict]) -> str:
-    header = f"{'mode':<15} {'T':>4} {'tokens/s':>9} {'speed-up':>9} {'tau':>6} {'nodes':>5} {'draft/tok':>9} " \
-             f"{'bytes':>6} {'overhead':>8} {'draft cost':>10} {'identical':>9}"
+    width = max([15, *(len(s["mode"]) for s in summary)])  # peers' names (onnxruntime-genai) are longer
+    header = f"{'mode':<{width}} {'T':>4} {'tokens/s':>9} {'speed-up':>9} {'tau':>6} {'nodes':>5} " \
+             f"{'draft/tok':>9} {'bytes':>6} {'overhead':>8} {'draft cost':>10} {'identical':>9}"
     lines = [header, "-" * len(header)]
     for s in summary:
-        lines.append(f"{s['mode']:<15} {s['temperature']:>4g} {s['tokens_per_second']:>9.1f} {s['speedup']:>8.2f}x "
-                     f"{s['tau']:>6.2f} {s['nodes_per_verify']:>5.1f} {s['draft_calls_per_token']:>9.2f} "
-                     f"{s['weight_bytes_ratio']:>6.2f} {s['overhead']:>8.1%} {s['draft_cost']:>10.3f} "
-                     f"{s['identical']:>9}")
+        lines.append(f"{s['mode']:<{width}} {s['temperature']:>4g} {s['tokens_per_second']:>9.1f} "
+                     f"{s['speedup']:>8.2f}x {s['tau']:>6.2f} {s['nodes_per_verify']:>5.1f} "
+                     f"{s['draft_calls_per_token']:>9.2f} {s['weight_bytes_ratio']:>6.2f} {s['overhead']:>8.1%} "
+                     f"{s['draft_cost']:>10.3f} {s['identical']:>9}")
     return "\n".join(lines)
 
 
