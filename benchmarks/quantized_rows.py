@@ -1,0 +1,197 @@
+"""Where a multi-row pass costs on quantized weights: the target graph of a model quantized several ways, each pass of
+1, 4 and 16 rows timed against its own one-row step, in one run (the variants interleaved pass by pass).
+
+    python benchmarks/quantized_rows.py SOURCE [--variants int4-b32,int4-b128,...] [--repeats 40] [--threads 2]
+                                        [--profile]
+
+SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.sh). Variants:
+    int{4,8}-b{32,64,128,256}[-l{0,4}]   MatMulNBits, block size, accuracy level (default 4)
+    q8row                                int8 weights (per column) x int8 activations quantized per row in the graph
+                                         (ReduceMax -> Div, Round, +128, Cast uint8 -> MatMulIntegerToFloat -> Mul):
+                                         MLAS's U8S8 QGEMM,
+                                         each row's result independent of the others (exact for speculation)
+    fp32                                 the float graph
+--profile adds ONNX Runtime's per-op-type totals for the 1- and 16-row passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import machine, median  # noqa: E402
+
+PAST = 100
+CAPACITY = 256
+ROWS = (1, 4, 16)
+INT8_MAX = 127.0
+
+
+def build_float_graph(source: str, work: Path) -> tuple[Path, dict]:
+    """The fp32 target graph with its own lm_head (quantizable), built once."""
+    from specx.exporter.adapters import adapter_for
+    from specx.exporter.onnx_export import export_decoder
+    from specx.exporter.sources import load_source
+
+    loaded = load_source(source, "fp32")
+    adapter = adapter_for(loaded.model.config)
+    path = work / "fp32.onnx"
+    contract = export_decoder(adapter, loaded.model, path, "float32", head="own")
+    return path, contract.to_dict()
+
+
+def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=level)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+def q8row(src: Path, dst: Path) -> None:
+    """Every MatMul with a 2-D weight -> per-row int8 activations x per-column int8 weights (MLAS QGEMM)."""
+    model = onnx.load(str(src))
+    weights = {i.name: i for i in model.graph.initializer}
+    nodes, added = [], []
+    added += [numpy_helper.from_array(np.array(INT8_MAX, np.float32), "q8/127"),
+              numpy_helper.from_array(np.array([-1], np.int64), "q8/last"),
+              numpy_helper.from_array(np.array(1.0, np.float32), "q8/one"),
+              numpy_helper.from_array(np.array(1e-30, np.float32), "q8/tiny"),
+              numpy_helper.from_array(np.array(128.0, np.float32), "q8/128"),
+              numpy_helper.from_array(np.array(128, np.uint8), "q8/z128")]
+    for node in model.graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        p, x = node.name, node.input[0]
+        array = numpy_helper.to_array(w).astype(np.float32)  # (K, N)
+        scale = np.maximum(np.abs(array).max(axis=0), 1e-12) / INT8_MAX  # (N,)
+        added += [numpy_helper.from_array(np.round(array / scale).astype(np.int8), f"{p}/q8w"),
+                  numpy_helper.from_array(scale.astype(np.float32), f"{p}/q8s")]
+        nodes += [
+            helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/q8/Abs"),
+            helper.make_node("ReduceMax", [f"{p}/abs", "q8/last"], [f"{p}/max"], name=f"{p}/q8/ReduceMax", keepdims=1),
+            helper.make_node("Max", [f"{p}/max", "q8/tiny"], [f"{p}/maxp"], name=f"{p}/q8/Max"),
+            helper.make_node("Div", [f"{p}/maxp", "q8/127"], [f"{p}/rs"], name=f"{p}/q8/Div"),  # (.., rows, 1)
+            # uint8 activations with zero point 128: MLAS's U8S8 kernels (int8 x int8 measured ~10x slower)
+            helper.make_node("Div", [x, f"{p}/rs"], [f"{p}/xs"], name=f"{p}/q8/Div_1"),
+            helper.make_node("Round", [f"{p}/xs"], [f"{p}/xr"], name=f"{p}/q8/Round"),
+            helper.make_node("Add", [f"{p}/xr", "q8/128"], [f"{p}/xa"], name=f"{p}/q8/Add"),
+            helper.make_node("Cast", [f"{p}/xa"], [f"{p}/xq"], name=f"{p}/q8/Cast", to=TensorProto.UINT8),
+            helper.make_node("MatMulIntegerToFloat", [f"{p}/xq", f"{p}/q8w", "q8/one", f"{p}/q8s", "q8/z128"],
+                             [f"{p}/y"], name=f"{p}/q8/MatMulIntegerToFloat", domain="com.microsoft"),
+            helper.make_node("Mul", [f"{p}/y", f"{p}/rs"], list(node.output), name=f"{p}/q8/Mul"),
+        ]
+        del weights[node.input[1]]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [i for i in model.graph.initializer if i.name in weights]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + added)
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+def make_variant(name: str, fp32: Path, work: Path) -> Path:
+    if name == "fp32":
+        return fp32
+    dst = work / f"{name}.onnx"
+    if name == "q8row":
+        q8row(fp32, dst)
+        return dst
+    parts = name.split("-")  # int4-b32[-l4]
+    bits, block = int(parts[0][3:]), int(parts[1][1:])
+    level = int(parts[2][1:]) if len(parts) > 2 else 4
+    matmulnbits(fp32, dst, bits, block, level)
+    return dst
+
+
+def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(path.with_suffix(""))
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def feeds(contract: dict, rows: int, rng: np.random.Generator) -> dict:
+    f = {"input_ids": rng.integers(0, contract["vocab_size"], (1, rows)).astype(np.int64),
+         "position_ids": np.arange(PAST, PAST + rows)[None].astype(np.int64),
+         "tree_mask": np.tril(np.ones((rows, PAST + rows), bool), k=PAST)[None, None]}
+    shape = (1, contract["num_kv_heads"], CAPACITY, contract["head_dim"])
+    for spec in contract["inputs"]:
+        if spec["name"].startswith("past_key_values"):
+            f[spec["name"]] = np.zeros(shape, np.float32)
+    return f
+
+
+def op_profile(path: Path, threads: int, f: dict) -> dict[str, float]:
+    s = session(path, threads, profile=True)
+    for _ in range(5):
+        s.run(["logits"], f)
+    trace = s.end_profiling()
+    totals: collections.Counter = collections.Counter()
+    for event in json.loads(Path(trace).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 5 / 1e3
+    os.remove(trace)
+    return dict(totals.most_common(6))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source")
+    parser.add_argument("--variants", default="int4-b32,int4-b128,int8-b32,q8row")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--work", type=Path)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="specx-qrows-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fp32, contract = build_float_graph(args.source, work)
+    names = args.variants.split(",")
+    paths = {name: make_variant(name, fp32, work) for name in names}
+    sessions = {name: session(path, args.threads) for name, path in paths.items()}
+    rng = np.random.default_rng(0)
+    inputs = {rows: feeds(contract, rows, rng) for rows in ROWS}
+    times = collections.defaultdict(list)
+    for name, s in sessions.items():  # warm-up
+        for rows in ROWS:
+            s.run(["logits"], inputs[rows])
+    for _ in range(args.repeats):
+        for name, s in sessions.items():
+            for rows in ROWS:
+                start = time.perf_counter()
+                s.run(["logits"], inputs[rows])
+                times[(name, rows)].append(1e3 * (time.perf_counter() - start))
+    print(f"machine {machine()}; threads {args.threads}; repeats {args.repeats}; past {PAST}")
+    base = median(times[(names[0], 1)])
+    print(f"{'variant':12s} " + " ".join(f"{r:>3d} rows ms (x own step)" for r in ROWS) + f"   step vs {names[0]}")
+    for name in names:
+        step = median(times[(name, 1)])
+        cells = " ".join(f"{median(times[(name, r)]):10.2f} ({median(times[(name, r)]) / step:4.2f}x)     " for r in ROWS)
+        print(f"{name:12s} {cells} {step / base:6.2f}x")
+    if args.profile:
+        for name, path in paths.items():
+            for rows in (1, 16):
+                print(name, rows, "rows:", op_profile(path, args.threads, inputs[rows]))
+
+
+if __name__ == "__main__":
+    main()
