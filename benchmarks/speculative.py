@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine  # noqa: E402
-from specx.runtime import Generator  # noqa: E402
+from specx.runtime import GenerationConfig, Generator  # noqa: E402
 from specx.runtime import bench  # noqa: E402
 
 
@@ -67,7 +67,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     tree["tree_threshold"] = threshold
                 if floor is not None:
                     tree["tree_floor"] = floor
-                rows = bench.run_bench(gen, prompts, args.modes.split(","), temperatures, args.new_tokens, tree=tree)
+                config = GenerationConfig(max_new_tokens=args.new_tokens).replace(**tree)
+                rows = bench.run_bench(gen, prompts, args.modes.split(","), temperatures, config)
                 summary = bench.summarise(rows)
                 print(f"\n{path.name} (draft: {manifest.draft.source if manifest.draft else 'none'})  tree {shape}  "
                       f"threshold {threshold if threshold is not None else 'default'}  "

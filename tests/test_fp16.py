@@ -40,3 +40,25 @@ def test_fp16_int4_is_the_cuda_format_and_decodes_losslessly(tmp_path, llama_dir
     spec = gen.generate("one two", max_new_tokens=24, mode="speculative", ignore_eos=True, tree_budget=6,
                         tree_depth=3)
     assert spec.tokens == plain.tokens and len(plain.tokens) == 24
+
+
+def test_cuda_formats_have_static_shapes_and_match_the_dynamic_graph(tmp_path, llama_dir, llama_bundle):
+    """fp16 graphs take a capacity-wide mask and past_length (the fixed shapes a CUDA graph replays); the same
+    tokens as the dynamic fp32 graph's start, and speculative == plain on the static graph itself."""
+    from specx.graphs.contract import PAST_LENGTH
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path / "fp16",
+                                      dtype="fp16", ngram_tokens=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for role in ("target", "draft"):
+        inputs = {s["name"]: s["shape"] for s in manifest[role]["contract"]["inputs"]}
+        assert inputs[PAST_LENGTH] == ["batch"] and inputs["tree_mask"][-1] == "capacity"
+    fp32 = json.loads((llama_bundle / "manifest.json").read_text())
+    assert not any(s["name"] == PAST_LENGTH for s in fp32["target"]["contract"]["inputs"])
+    gen = Generator.load(out, provider="cpu")
+    plain = gen.generate("one two", max_new_tokens=30, mode="autoregressive", ignore_eos=True).tokens
+    for mode in ("speculative", "staged"):
+        assert gen.generate("one two", max_new_tokens=30, mode=mode, ignore_eos=True, tree_budget=6,
+                            tree_depth=3).tokens == plain
+    full = Generator.load(llama_bundle, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
+    assert plain[:4] == full[:4]

@@ -27,7 +27,8 @@ from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
 from specx.graphs.contract import DRAFT_TOP_K
 from specx.graphs.passes import weight_bytes
-from specx.graphs.precision import PRECISIONS
+from specx.graphs.decoder import uses_gqa
+from specx.graphs.precision import CUDA, PRECISIONS, Precision
 from specx.graphs.quantize import quantize_built, scheme, unquantized_path
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.integrity import record_files
@@ -153,6 +154,12 @@ def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
             raise ExportError(f"draft {draft.source} has {role}={d}, the target {t}; the special tokens must match")
 
 
+def static_shapes(precision: Precision, adapter: ArchitectureAdapter) -> bool:
+    """CUDA formats get static-shape graphs (a capacity-wide mask, the committed length as an input: what a CUDA
+    graph replays), where GroupQueryAttention runs the head size; CPU formats keep the mask as wide as the pass."""
+    return precision.device == CUDA and uses_gqa(adapter.spec)
+
+
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
                   opset: int, progress: Progress, source: str | None = None,
                   feature_layers: tuple[int, ...] = ()) -> ModelEntry:
@@ -163,7 +170,8 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     built = unquantized_path(path) if bits else path
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
-                                  feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0)
+                                  feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0,
+                                  static_shapes=static_shapes(precision, adapter))
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, precision.float_name).to_dict()
     if bits:

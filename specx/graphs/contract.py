@@ -11,6 +11,9 @@ Decoder graph (target and draft)::
     tree_mask      bool   (batch, 1, seq, total)        True where new token i may attend to position j,
                                                         total = past + seq (cached positions first); the graph
                                                         reads the committed length (past) from this shape
+    static-shape graphs (CUDA graphs replay fixed shapes only):
+    tree_mask      bool   (batch, 1, seq, capacity)     as wide as the cache; columns past the pass are False
+    past_length    int64  (batch,)                      the committed length, as a tensor
     past_key_values.{i}.key / .value
                    kv     (batch, kv_heads, capacity, head_dim)   the static cache: rows [0, past) are committed
     ->
@@ -62,6 +65,7 @@ TREE_MASK = "tree_mask"
 LOGITS = "logits"
 NEXT_TOKENS = "next_tokens"
 TOP_TOKENS, TOP_PROBS = "top_tokens", "top_probs"
+PAST_LENGTH = "past_length"
 DRAFT_TOP_K = 8  # a draft graph's top tokens per row, computed in the graph: enough for trees up to 8 wide
 COMMIT_SRC = "src"
 COMMIT_DST = "dst"
@@ -122,14 +126,16 @@ class GraphContract:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
-                feature_layers: tuple[int, ...] = (), hidden_size: int = 0, top_k: int = 0) -> "GraphContract":
+                feature_layers: tuple[int, ...] = (), hidden_size: int = 0, top_k: int = 0,
+                static_shapes: bool = False) -> "GraphContract":
         """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads;
-        ``top_k`` (drafts) the top tokens and probabilities of each row."""
+        ``top_k`` (drafts) the top tokens and probabilities of each row; ``static_shapes`` a capacity-wide mask and
+        the committed length as an input (the shapes a CUDA graph can replay)."""
         _check_kv_dtype(kv_dtype)
         if feature_layers and (hidden_size < 1 or any(not 0 <= k < num_layers for k in feature_layers)):
             raise ContractError(f"feature layers {feature_layers} must lie in [0, {num_layers}) with a hidden size")
         width = len(feature_layers) * hidden_size
-        inputs = _token_inputs()
+        inputs = _token_inputs(static_shapes)
         outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", vocab_size)),
                    TensorSpec(NEXT_TOKENS, "int64", ("batch", "seq"))] + _top_outputs(top_k, vocab_size)
         if feature_layers:
@@ -153,7 +159,7 @@ class GraphContract:
     @property
     def extra_inputs(self) -> tuple[TensorSpec, ...]:
         """Inputs besides tokens, positions, mask and cache (a feature draft's features and hidden)."""
-        fixed = {INPUT_IDS, POSITION_IDS, TREE_MASK, *self.past_input_names}
+        fixed = {INPUT_IDS, POSITION_IDS, TREE_MASK, PAST_LENGTH, *self.past_input_names}
         return tuple(s for s in self.inputs if s.name not in fixed)
 
     @property
@@ -161,6 +167,11 @@ class GraphContract:
         """Per-token outputs besides logits and the cache (features, hidden_states): (batch, seq, width)."""
         fixed = {LOGITS, NEXT_TOKENS, TOP_TOKENS, TOP_PROBS, *self.present_output_names}
         return tuple(s for s in self.outputs if s.name not in fixed)
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether the graph takes a capacity-wide mask and the committed length as ``past_length``."""
+        return any(s.name == PAST_LENGTH for s in self.inputs)
 
     @property
     def top_k(self) -> int:
@@ -248,12 +259,13 @@ def _top_outputs(top_k: int, vocab_size: int) -> list[TensorSpec]:
     return [TensorSpec(TOP_TOKENS, "int64", ("batch", "seq", k)), TensorSpec(TOP_PROBS, "float32", ("batch", "seq", k))]
 
 
-def _token_inputs() -> list[TensorSpec]:
-    return [
+def _token_inputs(static_shapes: bool = False) -> list[TensorSpec]:
+    inputs = [
         TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
         TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
-        TensorSpec(TREE_MASK, "bool", ("batch", 1, "seq", "total")),
+        TensorSpec(TREE_MASK, "bool", ("batch", 1, "seq", "capacity" if static_shapes else "total")),
     ]
+    return inputs + [TensorSpec(PAST_LENGTH, "int64", ("batch",))] if static_shapes else inputs
 
 
 def _with_cache(inputs: list[TensorSpec], outputs: list[TensorSpec], num_layers: int, num_kv_heads: int,

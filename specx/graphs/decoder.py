@@ -29,8 +29,8 @@ import onnx
 from onnx import TensorProto
 
 from specx.graphs.builder import MS_DOMAIN, GraphBuilder
-from specx.graphs.contract import (FEATURES, INPUT_IDS, LOGITS, NEXT_TOKENS, POSITION_IDS, TOP_PROBS, TOP_TOKENS,
-                                   TREE_MASK, GraphContract)
+from specx.graphs.contract import (FEATURES, INPUT_IDS, LOGITS, NEXT_TOKENS, PAST_LENGTH, POSITION_IDS, TOP_PROBS,
+                                   TOP_TOKENS, TREE_MASK, GraphContract)
 from specx.graphs.architecture import ArchitectureSpec
 
 MASK_AXIS_TOTAL = 3  # tree_mask (batch, 1, seq, total)
@@ -149,7 +149,13 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     """The decoder graph. ``head="own"`` gives a tied model its own transposed lm_head copy (quantizable)."""
     float_dtype = "float16" if contract.kv_dtype == "float16" else "float32"
     b = GraphBuilder("specx_decoder", float_dtype)
-    attention = _attention_inputs(b, float_dtype, family.windows, committed_length=not uses_gqa(arch))
+    if contract.static_shapes:
+        if not uses_gqa(arch):
+            raise ValueError(f"static-shape graphs need GroupQueryAttention (head_dim {arch.head_dim} is not a "
+                             f"multiple of {GQA_HEAD_MULTIPLE})")
+        attention = _static_attention_inputs(b, float_dtype, family.windows)
+    else:
+        attention = _attention_inputs(b, float_dtype, family.windows, committed_length=not uses_gqa(arch))
     h = _embeddings(b, arch, family, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
@@ -226,6 +232,60 @@ def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...
         distance = _query_key_distance(b, past, batch)
         window_bias = {w: _window_bias(b, w, distance, zero, blocked) for w in windows}
     return _Attention(bias, seqlens, total32, window_bias, past_length, past)
+
+
+def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...]) -> _Attention:
+    """Static shapes (a CUDA graph replays fixed shapes only): tree_mask (batch, 1, seq, capacity) -> bias as wide as
+    the cache; total_sequence_length = capacity; seqlens_k = past_length + seq - 1 per batch row, from the input.
+    GroupQueryAttention attends to rows [0, seqlens_k] of each row's cache; the bias masks the rest of the width.
+
+        past_length (batch,) + Shape(input_ids)[1] - 1 -Cast-> seqlens_k (batch,) int32
+        Shape(tree_mask)[3] -Cast-> total (capacity) int32
+    """
+    zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
+    blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
+    bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, capacity)
+    mask_shape = b.op1("Shape", [TREE_MASK], "/model/attn_mask/Shape")
+    width = b.op1("Gather", [mask_shape, b.constant("/model/constants/axis_total", np.array(MASK_AXIS_TOTAL))],
+                  "/model/attn_mask/total/Gather")  # () int64: the capacity
+    total32 = b.op1("Cast", [width], "/model/attn_mask/total/Cast", to=TensorProto.INT32)
+    seq = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/seq/Shape", start=1, end=2)  # (1,)
+    end = b.op1("Add", [PAST_LENGTH, seq], "/model/attn_mask/seqlens_k/Add")  # (batch,) int64: past + seq
+    last = b.op1("Sub", [end, b.constant("/model/constants/one_i64", np.array(1, np.int64))],
+                 "/model/attn_mask/seqlens_k/Sub")
+    seqlens = b.op1("Cast", [last], "/model/attn_mask/seqlens_k/Cast", to=TensorProto.INT32)  # (batch,) int32
+    window_bias = {}
+    if windows:
+        distance = _static_query_key_distance(b, width, seq)
+        window_bias = {w: _window_bias(b, w, distance, zero, blocked) for w in windows}
+    return _Attention(bias, seqlens, total32, window_bias)
+
+
+def _static_query_key_distance(b: GraphBuilder, width: str, seq: str) -> str:
+    """pos(query) - pos(key), (batch, 1, seq, capacity), every shape fixed: column j holds row j's position (j for
+    committed rows, position_ids[j - past] for this pass's rows; the rest is masked anyway).
+
+        j = Range(capacity); i = j - past_length[:, None]; in_pass = 0 <= i < seq
+        keys = Where(in_pass, GatherElements(position_ids, Clip(i, 0, seq - 1)), j)     (batch, capacity)
+    """
+    p = "/model/attn_mask/distance"
+    zero, one = b.constant("/model/constants/zero_i64", np.array(0, np.int64)), "/model/constants/one_i64"
+    columns = b.op1("Range", [zero, width, one], f"{p}/columns/Range")  # (capacity,)
+    past = b.op1("Unsqueeze", [PAST_LENGTH, b.constant("/model/constants/axes_1", np.array([1], np.int64))],
+                 f"{p}/past/Unsqueeze")  # (batch, 1)
+    offset = b.op1("Sub", [columns, past], f"{p}/offset/Sub")  # (batch, capacity)
+    seq_scalar = b.op1("Squeeze", [seq], f"{p}/seq/Squeeze")
+    inside = b.op1("And", [b.op1("GreaterOrEqual", [offset, zero], f"{p}/GreaterOrEqual"),
+                           b.op1("Less", [offset, seq_scalar], f"{p}/Less")], f"{p}/And")
+    last = b.op1("Sub", [seq_scalar, one], f"{p}/last/Sub")
+    index = b.op1("Clip", [offset, zero, last], f"{p}/Clip")
+    gathered = b.op1("GatherElements", [POSITION_IDS, index], f"{p}/GatherElements", axis=1)  # (batch, capacity)
+    keys = b.op1("Where", [inside, gathered, columns], f"{p}/keys/Where")
+    keys = b.op1("Unsqueeze", [keys, b.constant("/model/constants/axes_1_2", np.array([1, 2], np.int64))],
+                 f"{p}/keys/Unsqueeze")  # (batch, 1, 1, capacity)
+    queries = b.op1("Unsqueeze", [POSITION_IDS, b.constant("/model/constants/axes_1_3", np.array([1, 3], np.int64))],
+                    f"{p}/queries/Unsqueeze")  # (batch, 1, seq, 1)
+    return b.op1("Sub", [queries, keys], f"{p}/Sub")
 
 
 def _query_key_distance(b: GraphBuilder, past: str, batch: str) -> str:

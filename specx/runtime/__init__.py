@@ -4,7 +4,9 @@ Importing this package must never import torch or transformers (a test enforces 
 """
 
 from specx.runtime.bundle import Bundle
+from specx.runtime.config import GenerationConfig, TreeConfig
 from specx.runtime.generator import GenerationResult, GenerationStats, Generator, TextStream
 from specx.runtime.sampling import SamplingConfig
 
-__all__ = ["Bundle", "GenerationResult", "GenerationStats", "Generator", "SamplingConfig", "TextStream"]
+__all__ = ["Bundle", "GenerationConfig", "GenerationResult", "GenerationStats", "Generator", "SamplingConfig",
+           "TextStream", "TreeConfig"]

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from specx.errors import InvalidArgumentError
+from specx.progress import NO_PROGRESS, Bar, Bars
+from specx.runtime.config import GenerationConfig
 from specx.runtime.generator import Generator
 
 SEED = 1234
@@ -91,24 +93,26 @@ def check_modes(gen: Generator, modes: Sequence[str]) -> list[str]:
 
 
 def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperatures: Sequence[float],
-              new_tokens: int, report: Callable[[BenchRow], None] = lambda row: None,
-              tree: dict | None = None, peers: Sequence = ()) -> list[BenchRow]:
-    """``tree``: tree_budget / tree_depth / tree_threshold / tree_floor for the speculative modes (their defaults
-    otherwise); ``peers`` (specx.peers.Peer): other runtimes on the same prompt ids, right after plain decoding."""
+              config: GenerationConfig, report: Callable[[BenchRow], None] = lambda row: None,
+              peers: Sequence = ()) -> list[BenchRow]:
+    """``config``: the tokens per generation and the speculative modes' tree (fields left unset: the bundle's
+    defaults); every run ignores EOS and seeds SEED, with its own mode and temperature. ``peers``
+    (specx.peers.Peer): other runtimes on the same prompt ids, right after plain decoding."""
+    config = config.replace(ignore_eos=True, seed=SEED)
+    new_tokens = config.max_new_tokens
     for mode in ("autoregressive", *modes):  # warm-up: every session and code path once
-        gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, mode=mode, **(tree or {}))
+        gen.generate(prompts[0].text, config, max_new_tokens=WARMUP_TOKENS, mode=mode)
     warm_ids = gen.bundle.tokenizer.encode(prompts[0].text).ids
     for peer in peers:
         peer.generate(warm_ids, WARMUP_TOKENS, 0.0, SEED)
     rows = []
     for temperature in temperatures:
         for prompt in prompts:
-            kwargs = dict(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
-            plain = gen.generate(prompt.text, mode="autoregressive", **kwargs)
+            plain = gen.generate(prompt.text, config, mode="autoregressive", temperature=temperature)
             step = plain_step_seconds(plain.stats)
             for mode in ["autoregressive", *modes]:
                 result = plain if mode == "autoregressive" else \
-                    gen.generate(prompt.text, mode=mode, **kwargs, **(tree or {}))
+                    gen.generate(prompt.text, config, mode=mode, temperature=temperature)
                 s = result.stats
                 row = BenchRow(mode, temperature, prompt.id, prompt.kind, s.tokens_per_second,
                                s.tokens_per_second / plain.stats.tokens_per_second,
@@ -205,20 +209,26 @@ def candidates(modes: Sequence[str], sampling: bool) -> list[Candidate]:
 
 
 def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperature: float, new_tokens: int,
-         report: Callable[[Candidate, float], None] = lambda c, s: None) -> tuple[Candidate, float, list[dict]]:
+         report: Callable[[Candidate, float], None] = lambda c, s: None,
+         bars: Bars = NO_PROGRESS.bar) -> tuple[Candidate, float, list[dict]]:
     """Every candidate (mode x tree shape x threshold) on every prompt, each prompt's plain decoding run before and
     after them (their mean is the baseline of that prompt's ratios); the winner has the best median speed-up, and
-    plain decoding wins when nothing beats it."""
+    plain decoding wins when nothing beats it. ``bars(name, total)``: progress, one step per generation."""
     pool = candidates(modes, temperature > 0)
-    kwargs = dict(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
     gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, **pool[0].kwargs())  # warm-up
     speedups: dict[Candidate, list[float]] = {c: [] for c in pool}
-    for prompt in prompts:
-        before = gen.generate(prompt.text, mode="autoregressive", **kwargs).stats.tokens_per_second
-        rates = {c: gen.generate(prompt.text, **kwargs, **c.kwargs()).stats.tokens_per_second for c in pool}
-        after = gen.generate(prompt.text, mode="autoregressive", **kwargs).stats.tokens_per_second
-        for candidate, rate in rates.items():
-            speedups[candidate].append(rate / ((before + after) / 2))
+    bar = bars(f"tuning {'sampling' if temperature > 0 else 'greedy'} decoding (generations)",
+               len(prompts) * (len(pool) + 2))
+    try:
+        for prompt in prompts:
+            before = _rate(gen, prompt, config.replace(mode="autoregressive"), bar)
+            rates = {c: _rate(gen, prompt, config.replace(**c.kwargs()), bar) for c in pool}
+            after = _rate(gen, prompt, config.replace(mode="autoregressive"), bar)
+            for candidate, rate in rates.items():
+                speedups[candidate].append(rate / ((before + after) / 2))
+    finally:
+        bar.close()
     medians = {c: statistics.median(v) for c, v in speedups.items()}
     table = [{**asdict(c), "speedup": m} for c, m in medians.items()]
     for c, m in medians.items():
@@ -228,6 +238,12 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
     if best_speedup <= 1.0:
         return Candidate("autoregressive"), 1.0, table
     return best, best_speedup, table
+
+
+def _rate(gen: Generator, prompt: Prompt, config: GenerationConfig, bar: Bar) -> float:
+    rate = gen.generate(prompt.text, config).stats.tokens_per_second
+    bar.update(1)
+    return rate
 
 
 def tuning_record(best: Candidate, speedup: float, prompts: int, new_tokens: int, machine: dict) -> dict:

@@ -1,11 +1,16 @@
 """The public API: load a bundle once, generate many times.
 
-    from specx.runtime import Generator
+    from specx.runtime import GenerationConfig, Generator
     gen = Generator.load("~/.cache/specx/gpt2-large", provider="auto")
     result = gen.generate("def fib(n):", max_new_tokens=64)
     print(result.text, result.stats.tokens_per_second)
-    for piece in gen.stream("Once upon a time", max_new_tokens=32):
+    config = GenerationConfig(max_new_tokens=32, temperature=0.7, seed=1)
+    for piece in gen.stream("Once upon a time", config):
         print(piece, end="", flush=True)
+
+Options travel as one GenerationConfig (specx.runtime.config); keyword arguments of generate() and stream() override
+its fields for one call (``tree_budget=8``), and fields it leaves unset are the bundle's to choose
+(specx.runtime.defaults: its tuning, else the measured defaults; ``default_config`` shows the result).
 
 One Generator may be shared by threads: its generations run one at a time (a thread's generation waits until the
 running one ends: its stream read to the end, closed, or dropped). Within one thread, starting a generation while a
@@ -25,47 +30,26 @@ import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from specx.errors import BundleError, CapacityError, InvalidArgumentError
-from specx.runtime.arguments import (check_choice, check_flag, check_int, check_number, check_optional_int,
-                                     check_optional_number, check_text, prompt_kind, token_ids)
+from specx.runtime.arguments import check_flag, check_int, check_optional_int, check_text, prompt_kind, token_ids
 from specx.runtime.bundle import Bundle
 from specx.runtime.chat import Messages, render_chat
+from specx.runtime.config import DRAFTING_MODES, GenerationConfig, as_config
 from specx.runtime.decoding import (DecodeRequest, FeatureDrafter, ModelDrafter, NgramDrafter, StepLog, autoregressive,
                                     speculative)
 from specx.runtime.drafting import TokenDraft, TreeShape
+from specx.runtime.defaults import DraftKind, resolve, tuned_record
 from specx.runtime.feature_draft import FeatureDraft, check_feature_draft
 from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.ownership import Claim, SessionGuard
 from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, cap_threads, check_graph, default_session_options, open_session
+# The modes, tree defaults and measured thresholds live in specx.runtime.config / .defaults; importable here too.
+from specx.runtime.config import DEFAULT_TREE_BUDGET, DEFAULT_TREE_DEPTH, DRAFT_CHOICES, MODES, tree_shape  # noqa: F401
+from specx.runtime.defaults import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE, FEATURE_GREEDY_TREE_FLOOR,  # noqa: F401
+                                    FEATURE_GREEDY_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD)
 
-MODES = ("auto", "autoregressive", "speculative", "staged", "ngram")
-# How a draft model proposes when decoding samples: "sample" draws children from its distribution (rule B, the
-# speculative sampling of Leviathan et al. / SpecInfer), "top" takes its top tokens (rule A: with a seed, the same
-# tokens as plain decoding). Greedy decoding always takes the top tokens. "auto" = "sample": it measured faster
-# (docs/benchmarks.md).
-DRAFT_CHOICES = ("auto", "top", "sample")
-# Default tree: a 5-token chain with adaptive depth, measured on SmolLM2-135M with a self:int8 draft on a 2-core CPU
-# (docs/benchmarks.md): a fixed 5-chain gave greedy 1.25x and T=1 0.43x; an 8-chain with the same thresholds gave
-# 1.25x and 0.78x but lost in staged (1.10x vs 1.19x) and ngram mode (0.81x vs 0.93x), whose chains do not stop early.
-# Drafting stops once the best unprocessed path value falls below the threshold (lower when greedy: acceptance
-# follows the draft's argmax more closely than it follows a sampled draw).
-DEFAULT_TREE_BUDGET = 5
-DEFAULT_TREE_DEPTH = 5
 TREE_ROWS_SLACK = 64  # rows a reservation adds for the tree passes beyond the tokens themselves
-GREEDY_TREE_THRESHOLD = 0.1
-# A trained feature draft stops deepening sooner: 0.2 measured 1.44x against 0.1's 1.42x (24 prompts, 4x4 chain;
-# 0.2 led in every chain shape of a 12-prompt sweep). Derived and separate drafts keep 0.1 (0.3 measured slower for
-# the int8 self-draft, 1.23x vs 1.26x; 0.2 not measured for them).
-FEATURE_GREEDY_TREE_THRESHOLD = 0.2
-# ... and grows a tree of 8 nodes over 4 levels (2 children a node) of which it verifies only the nodes whose path
-# value reaches the floor (whatever the shape, unless a floor is given): 24 prompts in one process, 1.49x against
-# 1.38x for the same tree without a floor (6 nodes a pass, each ~3-5% of a step on 2 cores) and 1.47x for the 4x4
-# chain (tau 2.15 / 2.19 / 1.86; docs/benchmarks.md).
-FEATURE_GREEDY_TREE = (8, 4)  # (budget, depth)
-FEATURE_GREEDY_TREE_FLOOR = 0.05
-SAMPLING_TREE_THRESHOLD = 0.5  # top children (rule A)
-DRAWN_TREE_THRESHOLD = 0.1  # drawn children (rule B): a trained draft measured 0.05-0.1 best (docs/benchmarks.md)
 
 
 @dataclass
@@ -106,6 +90,7 @@ class GenerationResult:
     tokens: list[int]  # new token ids (an EOS that stopped generation included)
     text: str  # decoded new tokens, special tokens skipped
     stats: GenerationStats
+    config: GenerationConfig | None = None  # what the generation ran with, every field resolved
 
 
 @dataclass
@@ -186,83 +171,46 @@ class Generator:
         return self.max_context
 
     # -- public API --------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int] | Messages, max_new_tokens: int = 128, mode: str = "auto",
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 ignore_eos: bool = False, tree_budget: int | None = None,
-                 tree_depth: int | None = None, tree_threshold: float | None = None,
-                 chat: bool = False, reuse_cache: bool = False, draft_choice: str = "auto",
-                 tree_floor: float | None = None) -> GenerationResult:
-        stream = self.stream(prompt, max_new_tokens=max_new_tokens, mode=mode, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos, tree_budget=tree_budget,
-                             tree_depth=tree_depth, tree_threshold=tree_threshold, chat=chat,
-                             reuse_cache=reuse_cache, draft_choice=draft_choice, tree_floor=tree_floor)
+    def generate(self, prompt: str | Sequence[int] | Messages, config: GenerationConfig | None = None, *,
+                 chat: bool = False, reuse_cache: bool = False, **overrides: Any) -> GenerationResult:
+        """Generate to the end: ``config`` (None: GenerationConfig()'s defaults) with ``overrides`` by the flat names
+        of specx.runtime.config.OVERRIDES (max_new_tokens=64, temperature=0.7, tree_budget=8, ...). See stream()."""
+        stream = self.stream(prompt, config, chat=chat, reuse_cache=reuse_cache, **overrides)
         for _ in stream:
             pass
         assert stream.result is not None  # set when the iteration ends
         return stream.result
 
-    def stream(self, prompt: str | Sequence[int] | Messages, max_new_tokens: int = 128, mode: str = "auto",
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               ignore_eos: bool = False, tree_budget: int | None = None,
-               tree_depth: int | None = None, tree_threshold: float | None = None, chat: bool = False,
-               reuse_cache: bool = False, draft_choice: str = "auto", tree_floor: float | None = None) -> TextStream:
+    def stream(self, prompt: str | Sequence[int] | Messages, config: GenerationConfig | None = None, *,
+               chat: bool = False, reuse_cache: bool = False, **overrides: Any) -> TextStream:
         """Validate everything up front, then return a stream of text pieces (nothing runs until iterated).
 
+        ``config`` and ``overrides`` as in generate(); an unknown keyword is an InvalidArgumentError naming it.
         ``chat=True`` (or a list of {"role", "content"} messages as the prompt) formats the prompt with the bundle's
         chat template, as transformers' apply_chat_template(add_generation_prompt=True) does. ``reuse_cache=True``
         keeps the cached rows of the previous generation that the new prompt starts with (a conversation's earlier
-        turns) instead of computing them again. ``draft_choice`` (sampling with a draft model, DRAFT_CHOICES):
-        children drawn from the draft ("sample") or its top tokens ("top"). ``tree_floor``: verify only tree nodes
-        whose path value (product of draft probabilities) reaches it; drawn children are never dropped."""
-        draft_choice = check_choice("draft choice", draft_choice, DRAFT_CHOICES)
-        sampling = SamplingConfig(check_number("temperature", temperature), check_int("top_k", top_k),
-                                  check_number("top_p", top_p), check_optional_int("seed", seed))
-        ignore_eos, chat, reuse_cache = (check_flag(name, value) for name, value in
-                                         (("ignore_eos", ignore_eos), ("chat", chat), ("reuse_cache", reuse_cache)))
-        temperature = sampling.temperature
-        tuned = self.tuned(sampling=temperature > 0)
-        if draft_choice == "auto" and temperature > 0 and tuned:
-            draft_choice = tuned.get("draft_choice", "top")  # the tuning's measurements hold for what they measured
-        if mode == "auto" and tuned.get("mode"):
-            mode = tuned["mode"]
-        mode = self._resolve_mode(mode, sampling=temperature > 0)
+        turns) instead of computing them again."""
+        config = self.default_config(config, **overrides)
+        chat, reuse_cache = check_flag("chat", chat), check_flag("reuse_cache", reuse_cache)
         if chat or prompt_kind(prompt) == "messages":
             prompt = self.chat_prompt_ids(prompt)
-        request = self._request(prompt, check_int("max_new_tokens", max_new_tokens, minimum=1), sampling, ignore_eos)
-        draw = draft_choice != "top" and temperature > 0 and mode in ("speculative", "staged")
-        shape = self._tree(tuned, mode, temperature, draw, check_optional_int("tree_budget", tree_budget),
-                           check_optional_int("tree_depth", tree_depth),
-                           check_optional_number("tree_threshold", tree_threshold),
-                           check_optional_number("tree_floor", tree_floor))
+        request = self._request(prompt, config.max_new_tokens, config.sampling, config.ignore_eos)
         stream = TextStream(iter(()))
-        stream._pieces = self._run(mode, request, shape, stream, reuse_cache, draw)
+        stream._pieces = self._run(config, request, stream, reuse_cache)
         return stream
 
-    def _tree(self, tuned: dict, mode: str, temperature: float, draw: bool, budget: int | None, depth: int | None,
-              threshold: float | None, floor: float | None) -> TreeShape:
-        """The step's tree: what was asked, else what `--tune` measured, else the measured defaults. A tree asked
-        for must fit the context; the others shrink to it as every tree does near its end."""
-        self._check_tree_fits(budget, depth)
-        trained_greedy = self.vocab_map is not None and temperature == 0 and mode in ("speculative", "staged")
-        if budget is None and depth is None:
-            if tuned.get("tree_budget"):
-                budget, depth = tuned["tree_budget"], tuned["tree_depth"]
-                if floor is None:
-                    floor = tuned.get("tree_floor", 0.0)  # a record without one was measured without one
-            elif trained_greedy:
-                budget, depth = FEATURE_GREEDY_TREE
-        if floor is None:
-            floor = FEATURE_GREEDY_TREE_FLOOR if trained_greedy else 0.0
-        if mode == "ngram":  # an n-gram chain has no draft values to rank or stop on: the depth alone bounds it
-            floor, threshold = 0.0, 0.0
-        elif draw:
-            floor = 0.0  # nothing drawn is dropped
-        if threshold is None:
-            threshold = tuned.get("tree_threshold")
-        if threshold is None:
-            greedy = FEATURE_GREEDY_TREE_THRESHOLD if self.vocab_map is not None else GREEDY_TREE_THRESHOLD
-            threshold = (greedy if temperature == 0 else DRAWN_TREE_THRESHOLD if draw else SAMPLING_TREE_THRESHOLD)
-        return tree_shape(budget, depth, threshold, floor)
+    def default_config(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
+        """The config a generation with these settings runs with: the fields given, the rest (mode, tree, draft
+        choice) from the bundle's tuning for its temperature (`specx bench --tune`), else the measured defaults.
+        ``gen.default_config(temperature=0.7)`` shows the bundle's sampling defaults; passed back to generate(), a
+        resolved config runs the same (resolve it at the temperature it will run at: the tree depends on it)."""
+        asked = as_config(config, overrides)
+        self._check_tree_fits(asked.tree.budget, asked.tree.depth)
+        return resolve(asked, self.draft_kind, self.tuned(sampling=asked.temperature > 0))
+
+    @property
+    def draft_kind(self) -> DraftKind:
+        return DraftKind(model=self.draft is not None, trained=self.vocab_map is not None)
 
     def _check_tree_fits(self, budget: int | None, depth: int | None) -> None:
         """Refuse, before anything is allocated, a tree that no verify pass could hold (it asked for 119 GiB at a
@@ -275,8 +223,7 @@ class Generator:
 
     def tuned(self, sampling: bool) -> dict:
         """The defaults `specx bench --tune` measured fastest on this machine (mode, tree), if any."""
-        tuning = self.bundle.manifest.tuning or {}
-        return dict(tuning.get("sampling" if sampling else "greedy") or {})
+        return tuned_record(self.bundle.manifest.tuning, sampling)
 
     def chat_prompt_ids(self, conversation: str | Messages) -> list[int]:
         """Token ids of a conversation (a user message as a string, or messages) under the bundle's chat template."""
@@ -308,28 +255,6 @@ class Generator:
             self._guard.release(claim)
 
     # -- internals ---------------------------------------------------------------------------------------------
-    def _resolve_mode(self, mode: str, sampling: bool = False) -> str:
-        check_choice("mode", mode, MODES)
-        if mode == "auto":
-            # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower with derived
-            # and separate drafts); with a trained feature draft it never won in 8 paired 24-prompt runs (0.01-0.07x
-            # behind speculative, docs/benchmarks.md). Sampling
-            # with drawn children (rule B) measured faster than plain sampling with a trained feature draft
-            # (1.29-1.33x) and a derived int8 one (1.12x; rule A: 1.06-1.07x and 0.78x, docs/benchmarks.md): auto
-            # speculates with any draft model (stage 2 proposes nothing to drawn children, so plain speculative).
-            # Without one, n-gram chains are deterministic proposals (rule A): ngram mode measured 0.97x there.
-            if sampling:
-                return "speculative" if self.draft is not None else "autoregressive"
-            if self.draft is None:
-                return "ngram"
-            return "speculative" if self.vocab_map is not None else "staged"
-        if mode in ("speculative", "staged") and self.draft is None:
-            raise InvalidArgumentError(
-                f"mode {mode!r} needs a bundle with a draft model; export one with --draft, or use "
-                "--mode ngram or autoregressive"
-            )
-        return mode  # staged and ngram without a table: the n-gram model counts the prompt and output only
-
     def _request(self, prompt: str | Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
                  ignore_eos: bool) -> DecodeRequest:
         if prompt_kind(prompt) == "text":
@@ -349,17 +274,19 @@ class Generator:
         stop = frozenset() if ignore_eos else frozenset(self.bundle.manifest.tokenizer.eos_token_ids)
         return DecodeRequest(ids, max_new_tokens, sampling, stop, self.max_positions)
 
-    def _run(self, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream,
-             reuse_cache: bool = False, draw_children: bool = False) -> Iterator[str]:
+    def _run(self, config: GenerationConfig, request: DecodeRequest, stream: TextStream,
+             reuse_cache: bool = False) -> Iterator[str]:
         """The generation, holding the sessions from its first piece to its end (``specx.runtime.ownership``)."""
         claim = self._guard.claim()
         try:
-            yield from self._decode(claim, mode, request, shape, stream, reuse_cache, draw_children)
+            yield from self._decode(claim, config, request, stream, reuse_cache)
         finally:
             self._guard.release(claim)
 
-    def _decode(self, claim: Claim, mode: str, request: DecodeRequest, shape: TreeShape, stream: TextStream,
-                reuse_cache: bool, draw_children: bool) -> Iterator[str]:
+    def _decode(self, claim: Claim, config: GenerationConfig, request: DecodeRequest, stream: TextStream,
+                reuse_cache: bool) -> Iterator[str]:
+        """``config``: resolved (default_config), so its mode and tree are set."""
+        mode, shape, draw_children = config.mode, config.tree.shape(), config.draws_children
         rng = np.random.default_rng(request.sampling.seed)
         sessions = [s for s in (self.target, self.draft) if s is not None]
         for session in sessions:
@@ -393,9 +320,9 @@ class Generator:
         stats = self._stats(mode, request, tokens, seconds, (first_token_at or start) - start, log, shape,
                             session_ngram.seconds if session_ngram else 0.0)
         stats.reused_prompt_tokens = reused
-        stats.draft_choice = "sample" if draw_children else ("top" if mode in ("speculative", "staged") else "")
+        stats.draft_choice = "sample" if draw_children else ("top" if mode in DRAFTING_MODES else "")
         text = self.bundle.tokenizer.decode(tokens, skip_special_tokens=True)
-        stream.result = GenerationResult(tokens=tokens, text=text, stats=stats)
+        stream.result = GenerationResult(tokens=tokens, text=text, stats=stats, config=config)
 
     def _drafter(self, ngram: SessionNgram | None, log: StepLog, max_rows: int) -> ModelDrafter:
         if self.vocab_map is not None:
@@ -458,13 +385,6 @@ class Generator:
             draft_calls_saved=max(0, log.planned_draft_calls - draft_calls) if uses_draft else 0,
             draft2_seconds=draft2_seconds,
         )
-
-
-def tree_shape(budget: int | None, depth: int | None, threshold: float = 0.0, floor: float = 0.0) -> TreeShape:
-    """The tree for a step: defaults where not given; a budget never below the depth unless asked for."""
-    depth = DEFAULT_TREE_DEPTH if depth is None else depth
-    budget = max(DEFAULT_TREE_BUDGET, depth) if budget is None else budget
-    return TreeShape(budget=budget, depth=depth, threshold=threshold, floor=floor)
 
 
 def _vocab_map(bundle: Bundle, entry: ModelEntry) -> np.ndarray:

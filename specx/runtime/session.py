@@ -29,8 +29,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from specx.errors import BundleError, CapacityError, ContractError, InvalidArgumentError, ProviderError
-from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, NEXT_TOKENS, POSITION_IDS,
-                                   TOP_PROBS, TOP_TOKENS, TREE_MASK, GraphContract)
+from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, NEXT_TOKENS, PAST_LENGTH,
+                                   POSITION_IDS, TOP_PROBS, TOP_TOKENS, TREE_MASK, GraphContract)
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -264,6 +264,11 @@ class DecoderSession:
         io = self._bindings[wanted]
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.contract.static_shapes:  # the mask as wide as the cache, the committed length as a tensor
+            wide = np.zeros((self.batch, 1, seq, self.capacity), dtype=bool)  # (batch, 1, seq, capacity)
+            wide[..., :total] = tree_mask
+            tree_mask = wide
+            io.bind_cpu_input(PAST_LENGTH, np.full(self.batch, self.past_len, dtype=np.int64))
         io.bind_cpu_input(TREE_MASK, np.ascontiguousarray(tree_mask, dtype=bool))
         for spec in self._extra_inputs:
             if extra is None or spec.name not in extra:

@@ -1,0 +1,3 @@
+from specx.cli import main
+
+main()
