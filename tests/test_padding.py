@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -49,32 +47,52 @@ def test_a_padded_pass_gives_the_unpadded_logits_and_cache(llama_bundle):
                                       {"temperature": 1.0, "draft_choice": "sample"}])
 def test_padded_decoding_equals_unpadded(llama_self_bundle, mode, sampling, monkeypatch):
     """Every mode, both acceptance rules: the same tokens (same seed) and the same cache, to the context's end."""
-    gen = Generator.load(llama_self_bundle, provider="cpu")
-    ids = gen.bundle.tokenizer.encode("one two three").ids
-    new = gen.max_positions - len(ids)
+    plain_gen = Generator.load(llama_self_bundle, provider="cpu")
+    padded_gen = Generator.load(llama_self_bundle, provider="cpu", pad_trees=True)
+    assert padded_gen.tree_buckets == TREE_BUCKETS and plain_gen.tree_buckets == ()
+    ids = plain_gen.bundle.tokenizer.encode("one two three").ids
+    new = plain_gen.max_positions - len(ids)
     kwargs = dict(max_new_tokens=new, mode=mode, ignore_eos=True, seed=11, tree_budget=6, tree_depth=3, **sampling)
     if mode == "ngram":
         kwargs.pop("draft_choice", None)
-    plain = gen.generate(ids, **kwargs).tokens
-    plain_cache = [v.numpy()[:, :, :gen.target.past_len].copy() for v in gen.target._cache]
-    request_type = decoding.DecodeRequest
-    padded_sizes = []
-
-    def padded_request(*args, **fields):
-        return dataclasses.replace(request_type(*args, **fields), tree_buckets=(8, 16, 32))
-
+    plain = plain_gen.generate(ids, **kwargs).tokens
+    sizes = []
     verify = decoding.verify
 
     def recording_verify(target, drafted, greedy=False, size=None):
-        padded_sizes.append((drafted.tokens.size, size))
+        sizes.append((drafted.tokens.size, size))
         return verify(target, drafted, greedy, size)
 
-    monkeypatch.setattr(decoding, "DecodeRequest", padded_request)
     monkeypatch.setattr(decoding, "verify", recording_verify)
-    import specx.runtime.generator as generator_module
-    monkeypatch.setattr(generator_module, "DecodeRequest", padded_request, raising=False)
-    padded = gen.generate(ids, **kwargs).tokens
+    padded = padded_gen.generate(ids, **kwargs).tokens
     assert padded == plain and len(padded) == new
-    assert any(size and size > n for n, size in padded_sizes)  # passes really were padded
-    for got, want in zip((v.numpy()[:, :, :gen.target.past_len] for v in gen.target._cache), plain_cache):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert any(size and size > n for n, size in sizes)  # passes really were padded
+    rows = plain_gen.target.past_len
+    assert padded_gen.target.past_len == rows
+    for got, want in zip(padded_gen.target._cache, plain_gen.target._cache):
+        np.testing.assert_allclose(got.numpy()[:, :, :rows], want.numpy()[:, :, :rows], atol=1e-5)
+
+
+def test_fixed_buffer_passes_equal_ordinary_passes(tmp_path, llama_dir):
+    """cuda_graphs on a static-shape (fp16) bundle: every bucketed pass runs on buffers bound once (captured on
+    CUDA; on the CPU the same passes without capture): the same tokens as ordinary passes, in every mode."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path / "fp16",
+                                      dtype="fp16", ngram_tokens=0))
+    plain_gen = Generator.load(out, provider="cpu")
+    fixed_gen = Generator.load(out, provider="cpu", cuda_graphs=True)
+    assert fixed_gen.target.fixed_buckets == frozenset(TREE_BUCKETS)
+    for mode in ("autoregressive", "speculative", "staged"):
+        plain = plain_gen.generate("one two", max_new_tokens=40, mode=mode, ignore_eos=True).tokens
+        fixed = fixed_gen.generate("one two", max_new_tokens=40, mode=mode, ignore_eos=True).tokens
+        assert fixed == plain, mode
+    assert {seq for seq, _ in fixed_gen.target._fixed} >= {1, 8}  # one-token steps and padded trees ran fixed
+    assert not fixed_gen.target._capture  # nothing to capture on the CPU
+
+
+def test_cuda_graphs_need_a_static_shape_bundle(llama_bundle):
+    from specx.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="static-shape"):
+        Generator.load(llama_bundle, provider="cpu", cuda_graphs=True)

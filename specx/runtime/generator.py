@@ -44,6 +44,7 @@ from specx.runtime.manifest import ModelEntry
 from specx.runtime.ownership import Claim, SessionGuard
 from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, cap_threads, check_graph, default_session_options, open_session
+from specx.runtime.tree import TREE_BUCKETS
 # The modes, tree defaults and measured thresholds live in specx.runtime.config / .defaults; importable here too.
 from specx.runtime.config import DEFAULT_TREE_BUDGET, DEFAULT_TREE_DEPTH, DRAFT_CHOICES, MODES, tree_shape  # noqa: F401
 from specx.runtime.defaults import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE, FEATURE_GREEDY_TREE_FLOOR,  # noqa: F401
@@ -130,20 +131,28 @@ class Generator:
             raise InvalidArgumentError(f"max_context must lie in [1, {context}] (the model's context), got {max_context}")
         self.max_context = max_context or context
         self.vocab_map: np.ndarray | None = None  # a feature draft's: draft id -> target id
+        self.tree_buckets: tuple[int, ...] = ()  # verify passes padded to these sizes (load(pad_trees=True))
         self._guard = SessionGuard()  # one generation at a time drives the sessions
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "auto", max_context: int | None = None,
-             threads: int | None = None) -> "Generator":
+             threads: int | None = None, pad_trees: bool = False, cuda_graphs: bool = False) -> "Generator":
         """``max_context`` caps prompt + new tokens below the model's context, which also bounds KV memory;
         ``threads``: ONNX Runtime intra-op threads (default: its own choice, the physical cores; more than the
-        machine's cores is lowered to them, with a warning)."""
+        machine's cores is lowered to them, with a warning). ``pad_trees``: verify passes padded to
+        ``TREE_BUCKETS`` (a few fixed shapes). ``cuda_graphs``: padded passes on device buffers bound once, captured
+        as CUDA graphs on CUDA (static-shape bundles: --dtype fp16, fp16-int8, fp16-int4); on the CPU the same
+        fixed-buffer passes run without capture."""
         threads, lowered = cap_threads(check_optional_int("threads", threads, minimum=1))
         if lowered:
             warnings.warn(lowered, RuntimeWarning, stacklevel=2)
         bundle = Bundle.load(bundle_dir)
         manifest = bundle.manifest
-        target = _decoder(bundle, manifest.target, provider, threads)
+        if cuda_graphs and not manifest.target.contract.static_shapes:
+            raise InvalidArgumentError(f"cuda_graphs needs a static-shape bundle; {bundle.path.name} is "
+                                       f"{manifest.dtype}: export with --dtype fp16, fp16-int8 or fp16-int4")
+        target = _decoder(bundle, manifest.target, provider, threads, fixed_buckets=TREE_BUCKETS if cuda_graphs else (),
+                          cuda_graphs=cuda_graphs)
         # The draft's threads do not spin when idle: spinning, they held the cores through the target's verify pass
         # (a 6-token verify took 52 ms instead of 33; with the target's spinning kept, plain decoding stays as fast).
         draft = _decoder(bundle, manifest.draft, target.placement.name, threads, spinning=False) \
@@ -151,6 +160,7 @@ class Generator:
         ngram = KatzTrigram.load(bundle.path / manifest.ngram.file, manifest.target.contract.vocab_size) \
             if manifest.ngram else None
         generator = cls(bundle, target, draft, ngram, max_context)
+        generator.tree_buckets = TREE_BUCKETS if pad_trees or cuda_graphs else ()
         if draft is not None and manifest.draft.is_feature_draft:
             generator.vocab_map = _vocab_map(bundle, manifest.draft)
             check_feature_draft(target, draft, generator.vocab_map)
@@ -272,7 +282,7 @@ class Generator:
                 f"{self.max_positions} tokens; shorten the prompt or lower max_new_tokens"
             )
         stop = frozenset() if ignore_eos else frozenset(self.bundle.manifest.tokenizer.eos_token_ids)
-        return DecodeRequest(ids, max_new_tokens, sampling, stop, self.max_positions)
+        return DecodeRequest(ids, max_new_tokens, sampling, stop, self.max_positions, self.tree_buckets)
 
     def _run(self, config: GenerationConfig, request: DecodeRequest, stream: TextStream,
              reuse_cache: bool = False) -> Iterator[str]:
@@ -399,9 +409,13 @@ def _vocab_map(bundle: Bundle, entry: ModelEntry) -> np.ndarray:
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,
-             spinning: bool = True) -> DecoderSession:
-    session, placement = open_session(bundle.graph_path(entry), provider, default_session_options(threads, spinning))
+             spinning: bool = True, fixed_buckets: tuple[int, ...] = (), cuda_graphs: bool = False) -> DecoderSession:
+    """``fixed_buckets``: pass lengths run on buffers bound once, captured as CUDA graphs where ``cuda_graphs`` and
+    the session runs on CUDA."""
+    session, placement = open_session(bundle.graph_path(entry), provider, default_session_options(threads, spinning),
+                                      cuda_graphs=cuda_graphs)
     committer, _ = open_session(bundle.commit_path(entry), placement.name)
     check_graph(session, entry.contract, entry.graph)
     check_graph(committer, entry.contract.kv_commit(), entry.kv_commit)
-    return DecoderSession(session, committer, entry.contract, placement)
+    return DecoderSession(session, committer, entry.contract, placement, fixed_buckets=fixed_buckets,
+                          capture=cuda_graphs and placement.name == "cuda")

@@ -54,7 +54,8 @@ class Placement:
         return [_ORT_PROVIDER[self.name]] if self.name == "cpu" else [_ORT_PROVIDER["cuda"], _ORT_PROVIDER["cpu"]]
 
 
-def open_session(path: Path, provider: str, options: ort.SessionOptions | None = None) -> tuple[ort.InferenceSession, Placement]:
+def open_session(path: Path, provider: str, options: ort.SessionOptions | None = None,
+                 cuda_graphs: bool = False) -> tuple[ort.InferenceSession, Placement]:
     """Create a session on ``provider`` (auto | cuda | cpu) and say where it really runs.
 
     onnxruntime silently falls back to the CPU when CUDA cannot be loaded, so the providers the session reports are
@@ -73,10 +74,13 @@ def open_session(path: Path, provider: str, options: ort.SessionOptions | None =
         cpu = Placement("cpu", "cpu")
         return _load(path, options, cpu.providers), cpu
     cuda = Placement("cuda", "cuda")
+    providers: list = cuda.providers
+    if cuda_graphs:  # passes of fixed shapes and addresses are captured once and replayed (gpu_graph_id)
+        providers = [(_ORT_PROVIDER["cuda"], {"enable_cuda_graph": "1"}), _ORT_PROVIDER["cpu"]]
     if provider == "auto":
         ort.set_default_logger_severity(_QUIET)
     try:
-        session = _load(path, options, cuda.providers)
+        session = _load(path, options, providers)
     finally:
         ort.set_default_logger_severity(2)
     if _ORT_PROVIDER["cuda"] in session.get_providers():
@@ -93,7 +97,7 @@ _LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile,
                 ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.RuntimeException)
 
 
-def _load(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _load(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as exc:
@@ -134,6 +138,16 @@ def check_graph(session: ort.InferenceSession, contract: GraphContract, graph: s
         raise ContractError(f"{graph}: the contract in the graph differs from the manifest's; re-export the bundle")
 
 
+@dataclass(frozen=True)
+class _FixedPass:
+    """One bucket's pass on buffers bound once: what a CUDA graph captures (inputs refilled in place)."""
+
+    binding: ort.IOBinding
+    inputs: dict[str, ort.OrtValue]  # input_ids, position_ids, tree_mask (capacity-wide), past_length
+    outputs: dict[str, ort.OrtValue]  # what the pass brings back, on the device
+    run_options: ort.RunOptions  # gpu_graph_id where captured
+
+
 class DecoderSession:
     """A decoder graph plus its static on-device KV cache (batch 1 in decoding; the graphs accept any batch).
 
@@ -142,7 +156,16 @@ class DecoderSession:
     """
 
     def __init__(self, decoder: ort.InferenceSession, committer: ort.InferenceSession, contract: GraphContract,
-                 placement: Placement, batch: int = 1):
+                 placement: Placement, batch: int = 1, fixed_buckets: Sequence[int] = (), capture: bool = False):
+        """``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
+        captured as CUDA graphs when ``capture`` (the session was opened with ``cuda_graphs``)."""
+        if fixed_buckets and not contract.static_shapes:
+            raise InvalidArgumentError("fixed-buffer passes need a static-shape graph (CUDA formats: --dtype fp16, "
+                                       "fp16-int8 or fp16-int4)")
+        self.fixed_buckets = frozenset(fixed_buckets)
+        self._capture = capture
+        self._fixed: dict[tuple[int, str], _FixedPass] = {}
+        self._graph_ids = 0  # CUDA graph ids handed out so far (a reallocated cache needs new captures)
         self.contract = contract
         self.placement = placement
         self.batch = batch
@@ -208,6 +231,7 @@ class DecoderSession:
         self.capacity = capacity
         # one binding per kind of pass (logits or next_tokens brought back), the cache bound once in each
         self._bindings = {wanted: self._bind_cache(self._decoder.io_binding()) for wanted in _PASS_OUTPUTS}
+        self._fixed = {}  # new addresses: fixed passes are bound (and captured) anew
 
     def _bind_cache(self, io: ort.IOBinding) -> ort.IOBinding:
         for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
@@ -261,6 +285,8 @@ class DecoderSession:
         if total > self.capacity:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
+        if seq in self.fixed_buckets and not self._extra_inputs:
+            return self._run_fixed(input_ids, position_ids, tree_mask, wanted)
         io = self._bindings[wanted]
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -286,19 +312,66 @@ class DecoderSession:
         self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
         return buffers
 
+    def _run_fixed(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+                   wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """A pass on device buffers bound once per (length, outputs): the inputs are copied into them in place, so
+        every pass of a bucket has the same shapes and addresses (captured once as a CUDA graph, then replayed)."""
+        seq, total = input_ids.shape[1], self.past_len + input_ids.shape[1]
+        fixed = self._fixed.get((seq, wanted)) or self._bind_fixed(seq, wanted)
+        wide = np.zeros((self.batch, 1, seq, self.capacity), dtype=bool)  # (batch, 1, seq, capacity)
+        wide[..., :total] = tree_mask
+        feeds = {INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+                 POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64), TREE_MASK: wide,
+                 PAST_LENGTH: np.full(self.batch, self.past_len, dtype=np.int64)}
+        for name, value in feeds.items():
+            fixed.inputs[name].update_inplace(value)
+        start = time.perf_counter()
+        self._decoder.run_with_iobinding(fixed.binding, fixed.run_options)
+        host = {name: (value.numpy(), value) for name, value in fixed.outputs.items()}  # device -> host copies
+        self.outputs = {name: array for name, (array, _) in host.items() if name not in _PASS_OUTPUTS[wanted]}
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self._pending_len = seq
+        self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
+        return host
+
+    def _bind_fixed(self, seq: int, wanted: str) -> "_FixedPass":
+        device = self.placement.device
+
+        def buffer(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0)
+
+        b = self.batch
+        inputs = {INPUT_IDS: buffer((b, seq), np.int64), POSITION_IDS: buffer((b, seq), np.int64),
+                  TREE_MASK: buffer((b, 1, seq, self.capacity), np.bool_), PAST_LENGTH: buffer((b,), np.int64)}
+        outputs = {name: buffer((b, seq, *tail), dtype) for name, (tail, dtype) in self._output_shapes(wanted).items()}
+        io = self._bind_cache(self._decoder.io_binding())
+        for name, value in inputs.items():
+            io.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            io.bind_ortvalue_output(name, value)
+        options = ort.RunOptions()
+        if self._capture:
+            self._graph_ids += 1
+            options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+        fixed = self._fixed[(seq, wanted)] = _FixedPass(io, inputs, outputs, options)
+        return fixed
+
+    def _output_shapes(self, wanted: str) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Per output this kind of pass brings back: its shape after (batch, seq), and dtype."""
+        shapes = {LOGITS: ((self.contract.vocab_size,), np.float32), NEXT_TOKENS: ((), np.int64),
+                  TOP_TOKENS: ((self.contract.top_k,), np.int64), TOP_PROBS: ((self.contract.top_k,), np.float32)}
+        shapes.update({s.name: ((int(s.shape[-1]),), np.float32) for s in self.contract.extra_outputs})
+        return {name: shapes[name] for name in [*_PASS_OUTPUTS[wanted], *(s.name for s in self.contract.extra_outputs)]}
+
     def _buffers(self, seq: int, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
         """Host arrays the pass writes its per-token outputs into (OrtValues over the arrays' memory, no extra
         copy): what ``wanted`` names (``_PASS_OUTPUTS``) and the contract's other outputs (batch, seq, width)."""
         key = (seq, wanted)
         if key in self._host:
             return self._host[key]
-        shapes = {LOGITS: ((self.contract.vocab_size,), np.float32), NEXT_TOKENS: ((), np.int64),
-                  TOP_TOKENS: ((self.contract.top_k,), np.int64), TOP_PROBS: ((self.contract.top_k,), np.float32)}
-        shapes.update({s.name: ((int(s.shape[-1]),), np.float32) for s in self.contract.extra_outputs})
-        names = [*_PASS_OUTPUTS[wanted], *(s.name for s in self.contract.extra_outputs)]
         buffers = {}
-        for name in names:
-            tail, dtype = shapes[name]
+        for name, (tail, dtype) in self._output_shapes(wanted).items():
             host = np.empty((self.batch, seq, *tail), dtype=dtype)
             buffers[name] = (host, ort.OrtValue.ortvalue_from_numpy(host, "cpu", 0))
         if seq <= REUSED_LOGITS_ROWS:  # steps and trees; a long prompt's buffers are not kept
