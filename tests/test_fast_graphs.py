@@ -25,7 +25,7 @@ MAX_NODES_PER_LAYER = 13
 FUSED_OPS = {"Gather", "Add", "Where", "Shape", "Cast", "Sub", "Expand", "LayerNormalization",
              "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "MatMul",
              "MatMulNBits", "FusedMatMul", "Split", "RotaryEmbedding", "GroupQueryAttention", "QuickGelu", "FastGelu",
-             "Mul"}
+             "Mul", "ArgMax"}  # ArgMax: the next_tokens output greedy decoding reads
 PROMPTS = ("one two three", "def f1(x):", "the quick brown fox")
 
 
