@@ -8,18 +8,23 @@ is built from and flattened to plain tensors.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
-from optimum.utils import NormalizedConfigManager
-from optimum.utils.normalized_config import NormalizedTextConfigWithGQA
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from specx.errors import UnsupportedModelError
 from specx.graphs.decoder import (GLOBAL_ROPE, LOCAL_ROPE, DecoderFamily, DecoderWeights, LayerKind, LayerWeights,
                                   Linear, Norm)
 from specx.graphs.architecture import ArchitectureSpec
+
+try:  # optimum (the export extra) normalises config names; without it, transformers' standard names serve
+    from optimum.utils import NormalizedConfigManager
+    from optimum.utils.normalized_config import NormalizedTextConfigWithGQA
+except ImportError:  # e.g. a GPU machine with torch and transformers but no registry to install optimum from
+    NormalizedConfigManager = NormalizedTextConfigWithGQA = None
 
 _REGISTRY: dict[str, type["ArchitectureAdapter"]] = {}
 
@@ -42,6 +47,14 @@ def adapter_for(config: PretrainedConfig) -> "ArchitectureAdapter":
             f"model type {model_type!r} is not supported; supported types: {', '.join(supported_model_types())}"
         )
     return cls(config)
+
+
+def standard_names(config: PretrainedConfig) -> SimpleNamespace:
+    """The figures optimum's normalized text configs give, read from transformers' standard names (a config's
+    attribute_map already maps them, e.g. gpt2's n_layer / n_embd / n_head): used where optimum is not installed."""
+    return SimpleNamespace(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                           num_attention_heads=config.num_attention_heads, vocab_size=config.vocab_size,
+                           num_key_value_heads=getattr(config, "num_key_value_heads", None))
 
 
 class ArchitectureAdapter:
@@ -72,6 +85,8 @@ class ArchitectureAdapter:
         )
 
     def _normalized_config(self, config: PretrainedConfig) -> Any:
+        if NormalizedConfigManager is None:
+            return standard_names(config)
         return NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
 
     def _num_kv_heads(self, norm: Any, num_heads: int) -> int:
@@ -168,6 +183,8 @@ class RopeAdapter(ArchitectureAdapter):
     window_on_every_layer: ClassVar[bool] = False  # mistral, phi3: ``sliding_window`` applies to all layers
 
     def _normalized_config(self, config: PretrainedConfig) -> Any:
+        if NormalizedTextConfigWithGQA is None:
+            return standard_names(config)
         return NormalizedTextConfigWithGQA(config)  # the standard names every family here uses
 
     def _num_kv_heads(self, norm: Any, num_heads: int) -> int:
