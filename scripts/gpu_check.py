@@ -752,6 +752,7 @@ def speed_cells(speed: dict[str, Any], steps: dict[str, Any] | None) -> list[str
 
 
 def speed_table(report: dict[str, Any]) -> str:
+    graphs_path = "CUDA graphs" if report["meta"]["provider"] == "cuda" else "fixed buffers"  # no capture on the CPU
     rows = []
     for model, dtype, r in bundles(report):
         if "speed" not in r:
@@ -760,9 +761,9 @@ def speed_table(report: dict[str, Any]) -> str:
         rows.append([model, dtype, "padded trees", *speed_cells(r["speed_padded"], None)])
         graphs = r["cuda_graphs"]
         if "speed" in graphs:
-            rows.append([model, dtype, "CUDA graphs", *speed_cells(graphs["speed"], graphs["steps"])])
+            rows.append([model, dtype, graphs_path, *speed_cells(graphs["speed"], graphs["steps"])])
         else:  # the equality table says why
-            rows.append([model, dtype, "CUDA graphs", "NOT RUN" if "not_run" in graphs else "FAILED"])
+            rows.append([model, dtype, graphs_path, "NOT RUN" if "not_run" in graphs else "FAILED"])
     sizes = "/".join(next((list(r["steps"]["passes"]) for _, _, r in bundles(report) if "steps" in r), []))
     return table(["model", "dtype", "path", "plain tok/s", "speculative", "staged", "ngram",
                   f"pass {sizes} ms (argmax)", f"pass {sizes} ms (logits)", "largest/1-node",
