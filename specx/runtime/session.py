@@ -350,6 +350,8 @@ class DecoderSession:
             io.bind_ortvalue_input(name, value)
         for name, value in outputs.items():
             io.bind_ortvalue_output(name, value)
+        for name, (tail, dtype) in self._unread_outputs(wanted).items():  # bound too: a captured graph keeps
+            io.bind_ortvalue_output(name, buffer((b, seq, *tail), dtype))  # every address; never read back
         options = ort.RunOptions()
         if self._capture:
             self._graph_ids += 1
@@ -359,10 +361,20 @@ class DecoderSession:
 
     def _output_shapes(self, wanted: str) -> dict[str, tuple[tuple[int, ...], type]]:
         """Per output this kind of pass brings back: its shape after (batch, seq), and dtype."""
+        shapes = self._all_output_shapes()
+        return {name: shapes[name] for name in [*_PASS_OUTPUTS[wanted], *(s.name for s in self.contract.extra_outputs)]}
+
+    def _unread_outputs(self, wanted: str) -> dict[str, tuple[tuple[int, ...], type]]:
+        """The graph's per-token outputs this kind of pass does not bring back (logits of a greedy pass, ...)."""
+        read = set(self._output_shapes(wanted))
+        names = {s.name for s in self.contract.outputs}
+        return {name: shape for name, shape in self._all_output_shapes().items() if name in names - read}
+
+    def _all_output_shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
         shapes = {LOGITS: ((self.contract.vocab_size,), np.float32), NEXT_TOKENS: ((), np.int64),
                   TOP_TOKENS: ((self.contract.top_k,), np.int64), TOP_PROBS: ((self.contract.top_k,), np.float32)}
         shapes.update({s.name: ((int(s.shape[-1]),), np.float32) for s in self.contract.extra_outputs})
-        return {name: shapes[name] for name in [*_PASS_OUTPUTS[wanted], *(s.name for s in self.contract.extra_outputs)]}
+        return shapes
 
     def _buffers(self, seq: int, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
         """Host arrays the pass writes its per-token outputs into (OrtValues over the arrays' memory, no extra
