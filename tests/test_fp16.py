@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
+import pytest
 
 from specx.exporter.pipeline import ExportRequest, export_bundle
 from specx.runtime import Generator
@@ -62,3 +65,25 @@ def test_cuda_formats_have_static_shapes_and_match_the_dynamic_graph(tmp_path, l
                             tree_depth=3).tokens == plain
     full = Generator.load(llama_bundle, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
     assert plain[:4] == full[:4]
+
+
+def test_quantized_targets_record_whether_their_trees_are_exact(tmp_path, llama_dir):
+    """Export measures tree-pass vs one-token-step logits and records it; --quant-accuracy 0 (float compute) is
+    recorded in the scheme; bundles from before the record: level-4 quantized targets are not taken as exact."""
+    from specx.errors import InvalidArgumentError
+    from specx.runtime.generator import exact_trees
+    from specx.runtime.manifest import Manifest
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "int4-exact", dtype="int4",
+                                      ngram_tokens=0, quant_accuracy=0))
+    entry = Manifest.read(out).target
+    assert entry.quantization["accuracy_level"] == 0
+    assert entry.parity["row_consistent"] is True and entry.parity["tree_vs_steps"] < 1e-3
+    assert exact_trees(entry)
+    legacy = dataclasses.replace(entry, parity={k: v for k, v in entry.parity.items() if k != "row_consistent"})
+    assert exact_trees(legacy)  # accuracy level 0: float compute
+    level4 = dataclasses.replace(legacy, quantization={**entry.quantization, "accuracy_level": 4})
+    assert not exact_trees(level4)
+    with pytest.raises(InvalidArgumentError, match="quant-accuracy"):
+        export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "bad", dtype="int4",
+                                    ngram_tokens=0, quant_accuracy=7))

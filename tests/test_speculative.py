@@ -249,3 +249,23 @@ def test_a_sampling_tuning_keeps_the_proposals_it_was_measured_with(generators, 
         assert stats.draft_choice == expected and stats.tree_threshold == 0.5
         assert gen.generate("one", max_new_tokens=4, temperature=1.0, seed=0,
                             draft_choice="sample").stats.draft_choice == "sample"  # an explicit choice wins
+
+
+def test_a_target_whose_trees_are_not_exact_decodes_plainly(llama_bundle, tmp_path):
+    """A target measured at export to compute tree passes unlike one-token steps (int4 at accuracy_level 4 on real
+    models): auto decodes plainly and the tree modes refuse, rather than change the output."""
+    import shutil
+
+    copy = tmp_path / "inexact"
+    shutil.copytree(llama_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["target"]["parity"]["row_consistent"] is True  # recorded at export
+    assert manifest["target"]["parity"]["tree_vs_steps"] <= 1e-3
+    manifest["target"]["parity"]["row_consistent"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    gen = Generator.load(copy, provider="cpu")
+    result = gen.generate("one two", max_new_tokens=8, ignore_eos=True)
+    assert result.stats.mode == "autoregressive"
+    for mode in ("speculative", "staged", "ngram"):
+        with pytest.raises(InvalidArgumentError, match="would change this bundle's output"):
+            gen.generate("one two", max_new_tokens=8, mode=mode, ignore_eos=True)

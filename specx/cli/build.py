@@ -31,6 +31,10 @@ def export(
                                                   "static n-gram table; default 0: staged and ngram modes count the "
                                                   "prompt and output only (measured faster)."),
     ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
+    quant_accuracy: int = typer.Option(4, help="MatMulNBits accuracy level of an int8/int4 target: 4 (int8 compute, "
+                                               "fastest steps, but its multi-token passes differ from one-token "
+                                               "steps, so the bundle decodes plainly) or 0 (float compute: exact "
+                                               "speculation, ~1.3x slower steps on SmolLM2-135M)."),
 ) -> None:
     """Export a target model (and its draft) into one bundle: graphs, tokenizer, manifest."""
     with user_errors():
@@ -39,7 +43,8 @@ def export(
         except ImportError as exc:
             raise SpecxError(f"export needs the export extra ({exc.name} is missing): pip install 'specx[export]'") from exc
         progress = terminal_progress()
-        request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()))
+        request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()),
+                                quant_accuracy)
         path = export_bundle(request, progress.phase, progress.bar)
         typer.echo(str(path))
 

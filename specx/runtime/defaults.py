@@ -41,6 +41,8 @@ class DraftKind:
 
     model: bool  # a draft model: derived, separate or trained
     trained: bool = False  # a trained feature draft (`specx train-draft`)
+    exact_trees: bool = True  # the target's tree passes give each node what one-token steps give it (measured at
+                              # export: manifest parity row_consistent); without it no mode may verify a tree
 
 
 def resolve(config: GenerationConfig, draft: DraftKind, tuned: Mapping[str, Any] | None) -> GenerationConfig:
@@ -66,7 +68,17 @@ def tuned_record(tuning: Mapping[str, Any] | None, sampling: bool) -> dict[str, 
 
 
 def resolve_mode(mode: str, sampling: bool, draft: DraftKind) -> str:
-    """A concrete mode: ``auto`` as measured best for the bundle's draft; a drafting mode needs a draft model."""
+    """A concrete mode: ``auto`` as measured best for the bundle's draft; a drafting mode needs a draft model; a
+    target whose tree passes are not exact decodes plainly (auto) or refuses the tree modes."""
+    if not draft.exact_trees:
+        if mode == "auto":
+            return "autoregressive"
+        if mode != "autoregressive":
+            raise InvalidArgumentError(
+                f"mode {mode!r} would change this bundle's output: its target computes a multi-token pass "
+                "differently from one-token steps (weight-only quantized kernels at accuracy_level 4; see the "
+                "manifest's parity tree_vs_steps), so verifying a tree is not exact. Use --mode autoregressive, or "
+                "export the target with exact kernels (--dtype fp32, or int4/int8 with --quant-accuracy 0)")
     if mode == "auto":
         # Greedy: stage 2 costs nothing when the context offers no proposal (measured never slower with derived
         # and separate drafts); with a trained feature draft it never won in 8 paired 24-prompt runs (0.01-0.07x

@@ -51,6 +51,7 @@ from specx.runtime.defaults import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE, F
                                     FEATURE_GREEDY_TREE_THRESHOLD, GREEDY_TREE_THRESHOLD, SAMPLING_TREE_THRESHOLD)
 
 TREE_ROWS_SLACK = 64  # rows a reservation adds for the tree passes beyond the tokens themselves
+INEXACT_ACCURACY_LEVEL = 1  # MatMulNBits accuracy levels from this one up quantize activations (int8 compute)
 
 
 @dataclass
@@ -220,7 +221,8 @@ class Generator:
 
     @property
     def draft_kind(self) -> DraftKind:
-        return DraftKind(model=self.draft is not None, trained=self.vocab_map is not None)
+        return DraftKind(model=self.draft is not None, trained=self.vocab_map is not None,
+                         exact_trees=exact_trees(self.bundle.manifest.target))
 
     def _check_tree_fits(self, budget: int | None, depth: int | None) -> None:
         """Refuse, before anything is allocated, a tree that no verify pass could hold (it asked for 119 GiB at a
@@ -406,6 +408,16 @@ def _vocab_map(bundle: Bundle, entry: ModelEntry) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read the draft's vocabulary map {path} ({exc}); retrain it with "
                           "`specx train-draft`") from exc
+
+
+def exact_trees(target: ModelEntry) -> bool:
+    """Whether the target's tree passes give each node what one-token steps give it: measured at export
+    (parity row_consistent). Bundles from before the measurement: float graphs are (fp32 measured ~2e-5 apart),
+    graphs quantized at accuracy_level 4 are not assumed to be (they measured 0.4-0.9 apart on SmolLM2)."""
+    recorded = target.parity.get("row_consistent")
+    if recorded is not None:
+        return bool(recorded)
+    return not (target.quantization and target.quantization.get("accuracy_level", 0) >= INEXACT_ACCURACY_LEVEL)
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,
