@@ -11,7 +11,10 @@ SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.s
                                          MLAS's U8S8 QGEMM,
                                          each row's result independent of the others (exact for speculation)
     fp32                                 the float graph
---profile adds ONNX Runtime's per-op-type totals for the 1- and 16-row passes.
+Passes run through the runtime's own DecoderSession (IO binding, static cache); sessions do not spin while idle (they
+take turns). Also printed: how far each variant's 8-token pass lies from the same tokens fed one at a time (a target
+whose passes are not exact cannot speculate losslessly). --profile adds ONNX Runtime's per-op-type totals for the 1-
+and 16-row passes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, median  # noqa: E402
+from specx.runtime.tree import chain  # noqa: E402
 
 PAST = 100
 CAPACITY = 256
@@ -121,12 +125,44 @@ def make_variant(name: str, fp32: Path, work: Path) -> Path:
 
 
 def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    from specx.runtime.session import default_session_options
+
+    options = default_session_options(threads, spinning=False)  # interleaved sessions: idle pools must not spin
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = str(path.with_suffix(""))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def decoder(path: Path, fp32: Path, contract: dict, threads: int):
+    """The runtime's DecoderSession over ``path`` (IO binding, static cache) with a committed past of PAST rows."""
+    from specx.graphs.contract import GraphContract
+    from specx.runtime.decoding import feed
+    from specx.runtime.session import DecoderSession, Placement
+
+    c = GraphContract.from_dict(contract)
+    committer = ort.InferenceSession(str(fp32.with_name(fp32.stem + ".kv_commit.onnx")),
+                                     providers=["CPUExecutionProvider"])
+    d = DecoderSession(session(path, threads), committer, c, Placement("cpu", "cpu"))
+    d.reserve(CAPACITY)
+    feed(d, np.random.default_rng(1).integers(0, c.vocab_size, PAST).astype(np.int64))
+    return d
+
+
+def rows_vs_steps(d, rng: np.random.Generator, rows: int = 8) -> float:
+    """Max |logit| difference between an ``rows``-token pass and the same tokens fed one at a time."""
+    tokens = rng.integers(0, d.contract.vocab_size, rows).astype(np.int64)
+    past = d.past_len
+    single = []
+    for token in tokens:
+        step = chain(1)
+        single.append(d.forward(np.array([[token]]), step.positions(d.past_len), step.attention_mask(d.past_len))[0, 0])
+        d.commit()
+    d.rewind(past)
+    run = chain(rows)
+    multi = d.forward(tokens[None], run.positions(past), run.attention_mask(past))[0]
+    d.rewind(past)
+    return float(max(np.abs(a - b).max() for a, b in zip(single, multi)))
 
 
 def feeds(contract: dict, rows: int, rng: np.random.Generator) -> dict:
@@ -167,26 +203,29 @@ def main() -> None:
     fp32, contract = build_float_graph(args.source, work)
     names = args.variants.split(",")
     paths = {name: make_variant(name, fp32, work) for name in names}
-    sessions = {name: session(path, args.threads) for name, path in paths.items()}
+    decoders = {name: decoder(path, fp32, contract, args.threads) for name, path in paths.items()}
     rng = np.random.default_rng(0)
-    inputs = {rows: feeds(contract, rows, rng) for rows in ROWS}
+    passes = {rows: chain(rows) for rows in ROWS}
     times = collections.defaultdict(list)
-    for name, s in sessions.items():  # warm-up
-        for rows in ROWS:
-            s.run(["logits"], inputs[rows])
-    for _ in range(args.repeats):
-        for name, s in sessions.items():
-            for rows in ROWS:
+    for round_ in range(args.repeats + 1):  # the first round warms up
+        for name, d in decoders.items():
+            for rows, tree in passes.items():
+                ids = rng.integers(0, contract["vocab_size"], (1, rows)).astype(np.int64)
                 start = time.perf_counter()
-                s.run(["logits"], inputs[rows])
-                times[(name, rows)].append(1e3 * (time.perf_counter() - start))
-    print(f"machine {machine()}; threads {args.threads}; repeats {args.repeats}; past {PAST}")
+                d.forward_tokens(ids, tree.positions(PAST), tree.attention_mask(PAST))  # the runtime's own path
+                if round_:
+                    times[(name, rows)].append(1e3 * (time.perf_counter() - start))
+    print(f"machine {machine()}; threads {args.threads}; repeats {args.repeats}; past {PAST}; runtime path "
+          "(IO binding, static cache, next_tokens)")
     base = median(times[(names[0], 1)])
     print(f"{'variant':12s} " + " ".join(f"{r:>3d} rows ms (x own step)" for r in ROWS) + f"   step vs {names[0]}")
     for name in names:
         step = median(times[(name, 1)])
         cells = " ".join(f"{median(times[(name, r)]):10.2f} ({median(times[(name, r)]) / step:4.2f}x)     " for r in ROWS)
         print(f"{name:12s} {cells} {step / base:6.2f}x")
+    print("tree pass vs one-token steps (max |logit diff| over an 8-token chain; exact trees need ~1e-4):")
+    for name, d in decoders.items():
+        print(f"  {name:12s} {rows_vs_steps(d, rng):.2e}")
     if args.profile:
         for name, path in paths.items():
             for rows in (1, 16):
