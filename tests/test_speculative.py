@@ -269,3 +269,18 @@ def test_a_target_whose_trees_are_not_exact_decodes_plainly(llama_bundle, tmp_pa
     for mode in ("speculative", "staged", "ngram"):
         with pytest.raises(InvalidArgumentError, match="would change this bundle's output"):
             gen.generate("one two", max_new_tokens=8, mode=mode, ignore_eos=True)
+
+
+def test_bench_runs_plain_decoding_only_where_trees_are_not_exact(llama_self_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "inexact"
+    shutil.copytree(llama_self_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"]["parity"]["row_consistent"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    gen = Generator.load(copy, provider="cpu")
+    assert bench.supported_modes(gen) == []
+    assert bench.check_modes(gen, ["autoregressive"]) == []
+    with pytest.raises(InvalidArgumentError, match="cannot run mode"):
+        bench.check_modes(gen, ["speculative"])

@@ -79,17 +79,20 @@ def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Pro
 
 
 def supported_modes(gen: Generator) -> list[str]:
-    """Staged and n-gram modes run without a sampled table too (the n-gram model counts the context)."""
+    """Staged and n-gram modes run without a sampled table too (the n-gram model counts the context). None where the
+    target's tree passes are not exact (they would change the output): such a bundle decodes plainly."""
+    if not gen.draft_kind.exact_trees:
+        return []
     return (["speculative", "staged"] if gen.draft is not None else []) + ["ngram"]
 
 
 def check_modes(gen: Generator, modes: Sequence[str]) -> list[str]:
     supported = supported_modes(gen)
-    unknown = [m for m in modes if m not in supported]
+    unknown = [m for m in modes if m not in supported and m != "autoregressive"]  # plain decoding always runs
     if unknown:
         raise InvalidArgumentError(f"this bundle cannot run mode(s) {', '.join(unknown)}; it supports "
                                    f"{', '.join(supported) or 'autoregressive decoding only'}")
-    return list(modes)
+    return [m for m in modes if m != "autoregressive"]  # plain decoding is every bench's baseline
 
 
 def run_bench(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temperatures: Sequence[float],
