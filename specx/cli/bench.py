@@ -30,8 +30,9 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-up and tau per mode and prompt kind to this "
                                                              "PNG (needs matplotlib: pip install 'specx[plot]')."),
     against: Optional[str] = typer.Option(None, help="Peers on the same prompts, in the same table: "
-                                                     "transformers, llama.cpp (comma-separated; a peer that is not "
-                                                     "installed is skipped with a note)."),
+                                                     "transformers, llama.cpp, onnxruntime-genai (comma-separated; a "
+                                                     "peer that is not installed is skipped with a note; "
+                                                     "onnxruntime-genai: python -m specx.peers_genai setup)."),
     tune: bool = typer.Option(False, "--tune", help="Search mode, tree shape and adaptive-depth threshold on this "
                                                     "machine (first 8 prompts unless --limit) and write the fastest "
                                                     "into the bundle as the default of run, Generator and bench."),
