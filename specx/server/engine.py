@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 from specx.errors import CapacityError, InvalidArgumentError, SpecxError
+from specx.runtime.config import GenerationConfig
 from specx.runtime.generator import Generator, TextStream
 from specx.server.protocol import ApiError, CompletionRequest, Usage, bad_request
 
@@ -122,7 +123,7 @@ class Engine:
         self._admitted = 0  # the running request and those waiting
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        generator.stream(PROBE_PROMPT, max_new_tokens=1, mode=mode).close()  # a mode the bundle lacks fails here
+        generator.stream(PROBE_PROMPT, GenerationConfig(max_new_tokens=1, mode=mode)).close()  # a mode it lacks fails
 
     # -- where requests arrive ---------------------------------------------------------------------------------
     def prepare(self, request: CompletionRequest) -> Prepared:
@@ -134,8 +135,9 @@ class Engine:
         max_tokens = self._max_tokens(request, prompt_tokens, param)
         s = request.sampling
         try:
-            stream = self.generator.stream(prompt, max_new_tokens=max_tokens, mode=self.mode,
-                                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+            config = GenerationConfig(max_new_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
+                                      top_p=s.top_p, seed=s.seed, mode=self.mode)
+            stream = self.generator.stream(prompt, config)
         except CapacityError as exc:
             raise bad_request(str(exc), param=param, code="context_length_exceeded") from exc
         except InvalidArgumentError as exc:
