@@ -291,9 +291,7 @@ class DecoderSession:
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         if self.contract.static_shapes:  # the mask as wide as the cache, the committed length as a tensor
-            wide = np.zeros((self.batch, 1, seq, self.capacity), dtype=bool)  # (batch, 1, seq, capacity)
-            wide[..., :total] = tree_mask
-            tree_mask = wide
+            tree_mask = self._wide(tree_mask)
             io.bind_cpu_input(PAST_LENGTH, np.full(self.batch, self.past_len, dtype=np.int64))
         io.bind_cpu_input(TREE_MASK, np.ascontiguousarray(tree_mask, dtype=bool))
         for spec in self._extra_inputs:
@@ -305,35 +303,39 @@ class DecoderSession:
             io.bind_ortvalue_output(name, value)
         start = time.perf_counter()
         self._decoder.run_with_iobinding(io)
+        return self._finished(buffers, wanted, input_ids, start)
+
+    def _finished(self, buffers: dict[str, tuple[np.ndarray, ort.OrtValue]], wanted: str, input_ids: np.ndarray,
+                  start: float) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """A pass's bookkeeping: its other outputs kept, its time and call counted, its rows pending a commit."""
         self.outputs = {name: host for name, (host, _) in buffers.items() if name not in _PASS_OUTPUTS[wanted]}
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        self._pending_len = seq
+        self._pending_len = input_ids.shape[1]
         self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
         return buffers
+
+    def _wide(self, tree_mask: np.ndarray) -> np.ndarray:
+        """A pass's mask (batch, 1, seq, total) as wide as the cache (static-shape graphs); the rest False."""
+        wide = np.zeros((*tree_mask.shape[:3], self.capacity), dtype=bool)  # (batch, 1, seq, capacity)
+        wide[..., :tree_mask.shape[3]] = tree_mask
+        return wide
 
     def _run_fixed(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
                    wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
         """A pass on device buffers bound once per (length, outputs): the inputs are copied into them in place, so
         every pass of a bucket has the same shapes and addresses (captured once as a CUDA graph, then replayed)."""
-        seq, total = input_ids.shape[1], self.past_len + input_ids.shape[1]
+        seq = input_ids.shape[1]
         fixed = self._fixed.get((seq, wanted)) or self._bind_fixed(seq, wanted)
-        wide = np.zeros((self.batch, 1, seq, self.capacity), dtype=bool)  # (batch, 1, seq, capacity)
-        wide[..., :total] = tree_mask
         feeds = {INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
-                 POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64), TREE_MASK: wide,
+                 POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64), TREE_MASK: self._wide(tree_mask),
                  PAST_LENGTH: np.full(self.batch, self.past_len, dtype=np.int64)}
         for name, value in feeds.items():
             fixed.inputs[name].update_inplace(value)
         start = time.perf_counter()
         self._decoder.run_with_iobinding(fixed.binding, fixed.run_options)
         host = {name: (value.numpy(), value) for name, value in fixed.outputs.items()}  # device -> host copies
-        self.outputs = {name: array for name, (array, _) in host.items() if name not in _PASS_OUTPUTS[wanted]}
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        self._pending_len = seq
-        self._pending_ids = input_ids[0].tolist() if self.batch == 1 else []
-        return host
+        return self._finished(host, wanted, input_ids, start)
 
     def _bind_fixed(self, seq: int, wanted: str) -> "_FixedPass":
         device = self.placement.device
