@@ -87,3 +87,16 @@ def test_quantized_targets_record_whether_their_trees_are_exact(tmp_path, llama_
     with pytest.raises(InvalidArgumentError, match="quant-accuracy"):
         export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "bad", dtype="int4",
                                     ngram_tokens=0, quant_accuracy=7))
+
+
+def test_quantized_targets_take_a_block_size(tmp_path, llama_dir):
+    from specx.errors import InvalidArgumentError
+    from specx.runtime.manifest import Manifest
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "int4-b64", dtype="int4",
+                                      ngram_tokens=0, quant_block=64))
+    assert Manifest.read(out).target.quantization["block_size"] == 64
+    assert Generator.load(out, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
+    with pytest.raises(InvalidArgumentError, match="quant-block"):
+        export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "bad", dtype="int4",
+                                    ngram_tokens=0, quant_block=48))

@@ -35,6 +35,8 @@ def export(
                                                "fastest steps, but its multi-token passes differ from one-token "
                                                "steps, so the bundle decodes plainly) or 0 (float compute: exact "
                                                "speculation, ~1.3x slower steps on SmolLM2-135M)."),
+    quant_block: int = typer.Option(32, help="MatMulNBits block size of an int8/int4 target (16, 32, 64, 128 or "
+                                             "256): larger blocks store fewer scales and step faster, less exactly."),
 ) -> None:
     """Export a target model (and its draft) into one bundle: graphs, tokenizer, manifest."""
     with user_errors():
@@ -44,7 +46,7 @@ def export(
             raise SpecxError(f"export needs the export extra ({exc.name} is missing): pip install 'specx[export]'") from exc
         progress = terminal_progress()
         request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()),
-                                quant_accuracy)
+                                quant_accuracy, quant_block)
         path = export_bundle(request, progress.phase, progress.bar)
         typer.echo(str(path))
 

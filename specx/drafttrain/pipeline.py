@@ -41,7 +41,7 @@ from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
 from specx.graphs.feature_draft import build_feature_draft
 from specx.graphs.helpers import write_kv_commit
 from specx.graphs.passes import embed_contract, weight_bytes
-from specx.graphs.quantize import ACCURACY_LEVEL, SUPPORTED_BITS, quantize_built, scheme, unquantized_path
+from specx.graphs.quantize import ACCURACY_LEVEL, BLOCK_SIZE, SUPPORTED_BITS, quantize_built, scheme, unquantized_path
 from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
 from specx.runtime.session import DecoderSession, open_session
@@ -222,7 +222,8 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
         target = export_model("target", loaded, adapter, staging, manifest.dtype, DEFAULT_OPSET, step,
                               source=manifest.target.source, feature_layers=layers,
                               accuracy_level=(manifest.target.quantization or {}).get("accuracy_level",
-                                                                                     ACCURACY_LEVEL))
+                                                                                     ACCURACY_LEVEL),
+                              block_size=(manifest.target.quantization or {}).get("block_size", BLOCK_SIZE))
         target = replace(target, derived_from=manifest.target.derived_from)
         with step("building and checking the draft graph"):
             entry = export_feature_draft(draft, vocab_map, adapter.spec, target.contract, staging, training,

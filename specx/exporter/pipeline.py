@@ -29,7 +29,8 @@ from specx.graphs.contract import DRAFT_TOP_K
 from specx.graphs.passes import weight_bytes
 from specx.graphs.decoder import uses_gqa
 from specx.graphs.precision import CUDA, PRECISIONS, Precision
-from specx.graphs.quantize import ACCURACY_LEVEL, ACCURACY_LEVELS, quantize_built, scheme, unquantized_path
+from specx.graphs.quantize import (ACCURACY_LEVEL, ACCURACY_LEVELS, BLOCK_SIZE, BLOCK_SIZES, quantize_built, scheme,
+                                   unquantized_path)
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.integrity import record_files
 from specx.runtime.manifest import DTYPES, Manifest, ModelEntry, NgramEntry, TokenizerEntry
@@ -58,6 +59,7 @@ class ExportRequest:
     ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens sampled from the draft for the n-gram table (0: none)
     ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
     quant_accuracy: int = ACCURACY_LEVEL  # MatMulNBits accuracy level of a quantized target (0: exact trees)
+    quant_block: int = BLOCK_SIZE  # MatMulNBits block size of a quantized target
 
 
 def short_name(source: str) -> str:
@@ -95,6 +97,8 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
     for path in request.ngram_corpus:
         if not Path(path).is_file():
             raise InvalidArgumentError(f"--ngram-corpus file {path} does not exist")
+    if request.quant_block not in BLOCK_SIZES:
+        raise InvalidArgumentError(f"--quant-block must be one of {BLOCK_SIZES}, got {request.quant_block}")
     if request.quant_accuracy not in ACCURACY_LEVELS:
         raise InvalidArgumentError(f"--quant-accuracy must be one of {ACCURACY_LEVELS}, got {request.quant_accuracy}")
     if request.opset < MIN_OPSET:
@@ -119,7 +123,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
     staging.mkdir()
     try:
         target_entry = export_model("target", target, target_adapter, staging, dtype, request.opset, progress,
-                                    accuracy_level=request.quant_accuracy)
+                                    accuracy_level=request.quant_accuracy, block_size=request.quant_block)
         draft_entry = None
         if draft is not None:
             draft_entry = export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
@@ -166,7 +170,8 @@ def static_shapes(precision: Precision, adapter: ArchitectureAdapter) -> bool:
 
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
                   opset: int, progress: Progress, source: str | None = None,
-                  feature_layers: tuple[int, ...] = (), accuracy_level: int = ACCURACY_LEVEL) -> ModelEntry:
+                  feature_layers: tuple[int, ...] = (), accuracy_level: int = ACCURACY_LEVEL,
+                  block_size: int = BLOCK_SIZE) -> ModelEntry:
     """Build, validate (and for quantized dtypes quantize, at MatMulNBits ``accuracy_level``) one decoder graph into
     ``staging/<role>.onnx``."""
     path = staging / f"{role}.onnx"
@@ -182,7 +187,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     if bits:
         with progress(f"quantizing the {role} graph to int{bits} (MatMulNBits)"):
             commit_path(built).rename(commit_path(path))
-            quantize_built(path, bits, contract, accuracy_level)
+            quantize_built(path, bits, contract, accuracy_level, block_size)
         with progress(f"measuring the int{bits} {role} graph against PyTorch"):
             quantized = validate_decoder(adapter, loaded.model, contract, path, dtype, enforce=False).to_dict()
         parity = {**quantized, "unquantized_max_abs_logit_diff": parity["max_abs_logit_diff"]}
@@ -195,7 +200,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
         contract=contract,
         weight_bytes=weight_bytes(path),
         parity=parity,
-        quantization=scheme(bits, precision.activations, accuracy_level) if bits else None,
+        quantization=scheme(bits, precision.activations, accuracy_level, block_size) if bits else None,
     )
 
 

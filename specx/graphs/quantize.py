@@ -20,27 +20,29 @@ from specx.graphs.builder import save_with_external_data
 from specx.graphs.contract import GraphContract
 from specx.graphs.passes import embed_contract
 
-BLOCK_SIZE = 32
+BLOCK_SIZE = 32  # the default; 128 measured a 16% faster int4 step on SmolLM2-135M (docs/benchmarks.md)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL = 4  # int8 compute: fast, but its multi-row kernel differs from its one-row kernel (not exact trees)
 EXACT_ACCURACY_LEVEL = 0  # float compute: tree passes give what one-token steps give (~1.3x slower steps measured)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 SUPPORTED_BITS = (4, 8)
 
 
-def scheme(bits: int, activations: str = "float32", accuracy_level: int = ACCURACY_LEVEL) -> dict[str, Any]:
+def scheme(bits: int, activations: str = "float32", accuracy_level: int = ACCURACY_LEVEL,
+           block_size: int = BLOCK_SIZE) -> dict[str, Any]:
     """What the manifest records about a quantized graph (``activations``: the float type MatMulNBits takes)."""
-    return {"method": "MatMulNBits", "bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": accuracy_level,
+    return {"method": "MatMulNBits", "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
             "symmetric": True, "lm_head": True, "activations": activations}
 
 
 def quantize_decoder(src: Path, dst: Path, bits: int, contract: GraphContract,
-                     accuracy_level: int = ACCURACY_LEVEL) -> None:
+                     accuracy_level: int = ACCURACY_LEVEL, block_size: int = BLOCK_SIZE) -> None:
     """Write a weight-only quantized copy of the decoder at ``src`` to ``dst`` (+ ``dst.data``)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
     MatMulNBitsQuantizer = _import_quantizer()
     model = onnx.load(str(src))  # with external weights
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level)
     quantizer.process()
     quantized = quantizer.model.model
@@ -53,10 +55,11 @@ def unquantized_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.unquantized.onnx")
 
 
-def quantize_built(path: Path, bits: int, contract: GraphContract, accuracy_level: int = ACCURACY_LEVEL) -> None:
+def quantize_built(path: Path, bits: int, contract: GraphContract, accuracy_level: int = ACCURACY_LEVEL,
+                   block_size: int = BLOCK_SIZE) -> None:
     """Quantize the graph built at ``unquantized_path(path)`` into ``path``, then remove the unquantized files."""
     built = unquantized_path(path)
-    quantize_decoder(built, path, bits, contract, accuracy_level)
+    quantize_decoder(built, path, bits, contract, accuracy_level, block_size)
     for leftover in path.parent.glob(f"{built.stem}*"):
         leftover.unlink()
 
