@@ -229,7 +229,7 @@ def main() -> None:
     if args.profile:
         for name, path in paths.items():
             for rows in (1, 16):
-                print(name, rows, "rows:", op_profile(path, args.threads, inputs[rows]))
+                print(name, rows, "rows:", op_profile(path, args.threads, feeds(contract, rows, rng)))
 
 
 if __name__ == "__main__":
