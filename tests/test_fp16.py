@@ -38,6 +38,9 @@ def test_fp16_int4_is_the_cuda_format_and_decodes_losslessly(tmp_path, llama_dir
         assert entry["contract"]["kv_dtype"] == "float16"
         assert entry["quantization"]["bits"] == 4 and entry["quantization"]["activations"] == "float16"
         assert entry["parity"]["unquantized_max_abs_logit_diff"] <= entry["parity"]["tolerance"]
+    # the CUDA format quantizes the target with float compute: its trees measure exact on the exporting CPU
+    assert manifest["target"]["quantization"]["accuracy_level"] == 0
+    assert manifest["target"]["parity"]["row_consistent"] is True
     gen = Generator.load(out, provider="cpu")
     plain = gen.generate("one two", max_new_tokens=24, mode="autoregressive", ignore_eos=True)
     spec = gen.generate("one two", max_new_tokens=24, mode="speculative", ignore_eos=True, tree_budget=6,

@@ -31,7 +31,8 @@ def export(
                                                   "static n-gram table; default 0: staged and ngram modes count the "
                                                   "prompt and output only (measured faster)."),
     ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
-    quant_accuracy: int = typer.Option(4, help="MatMulNBits accuracy level of an int8/int4 target: 4 (int8 compute, "
+    quant_accuracy: Optional[int] = typer.Option(None, help="MatMulNBits accuracy level of an int8/int4 target (default: 4 "
+                                                "for int8/int4, 0 for fp16-int8/fp16-int4): 4 (int8 compute, "
                                                "fastest steps, but its multi-token passes differ from one-token "
                                                "steps, so the bundle decodes plainly) or 0 (float compute: exact "
                                                "speculation, ~1.3x slower steps on SmolLM2-135M)."),

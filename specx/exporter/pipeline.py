@@ -29,8 +29,8 @@ from specx.graphs.contract import DRAFT_TOP_K
 from specx.graphs.passes import weight_bytes
 from specx.graphs.decoder import uses_gqa
 from specx.graphs.precision import CUDA, PRECISIONS, Precision
-from specx.graphs.quantize import (ACCURACY_LEVEL, ACCURACY_LEVELS, BLOCK_SIZE, BLOCK_SIZES, quantize_built, scheme,
-                                   unquantized_path)
+from specx.graphs.quantize import (ACCURACY_LEVEL, ACCURACY_LEVELS, BLOCK_SIZE, BLOCK_SIZES, EXACT_ACCURACY_LEVEL,
+                                   quantize_built, scheme, unquantized_path)
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.integrity import record_files
 from specx.runtime.manifest import DTYPES, Manifest, ModelEntry, NgramEntry, TokenizerEntry
@@ -58,7 +58,8 @@ class ExportRequest:
     opset: int = DEFAULT_OPSET
     ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens sampled from the draft for the n-gram table (0: none)
     ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
-    quant_accuracy: int = ACCURACY_LEVEL  # MatMulNBits accuracy level of a quantized target (0: exact trees)
+    quant_accuracy: int | None = None  # MatMulNBits accuracy level of a quantized target (0: exact trees); None:
+                                       # 4 for the CPU formats (int8 compute), 0 for the CUDA ones (fp16-intN)
     quant_block: int = BLOCK_SIZE  # MatMulNBits block size of a quantized target
 
 
@@ -99,7 +100,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
             raise InvalidArgumentError(f"--ngram-corpus file {path} does not exist")
     if request.quant_block not in BLOCK_SIZES:
         raise InvalidArgumentError(f"--quant-block must be one of {BLOCK_SIZES}, got {request.quant_block}")
-    if request.quant_accuracy not in ACCURACY_LEVELS:
+    if request.quant_accuracy is not None and request.quant_accuracy not in ACCURACY_LEVELS:
         raise InvalidArgumentError(f"--quant-accuracy must be one of {ACCURACY_LEVELS}, got {request.quant_accuracy}")
     if request.opset < MIN_OPSET:
         raise InvalidArgumentError(f"--opset must be at least {MIN_OPSET}, got {request.opset}")
@@ -123,7 +124,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
     staging.mkdir()
     try:
         target_entry = export_model("target", target, target_adapter, staging, dtype, request.opset, progress,
-                                    accuracy_level=request.quant_accuracy, block_size=request.quant_block)
+                                    accuracy_level=quant_accuracy(request, dtype), block_size=request.quant_block)
         draft_entry = None
         if draft is not None:
             draft_entry = export_model("draft", draft, adapter_for(draft.model.config), staging, dtype,
@@ -160,6 +161,15 @@ def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:
         t, d = getattr(target.tokenizer, role), getattr(draft.tokenizer, role)
         if t != d:
             raise ExportError(f"draft {draft.source} has {role}={d}, the target {t}; the special tokens must match")
+
+
+def quant_accuracy(request: ExportRequest, dtype: str) -> int:
+    """The accuracy level asked, else by device: int8 compute (4) is the CPU kernels' fast path, whose multi-row
+    passes are not exact; the CUDA formats take 0, so their trees measure exact on the CPU that exports them (the
+    CUDA kernels have no such mode; scripts/gpu-check.sh checks their greedy equality)."""
+    if request.quant_accuracy is not None:
+        return request.quant_accuracy
+    return EXACT_ACCURACY_LEVEL if PRECISIONS[dtype].device == CUDA else ACCURACY_LEVEL
 
 
 def static_shapes(precision: Precision, adapter: ArchitectureAdapter) -> bool:
