@@ -4,7 +4,8 @@ same-sized random models (the tiny test configs of tests/tiny_models.FAMILIES at
     python benchmarks/families.py [--hidden 256] [--layers 4] [--repeats 200] [--threads 2] [--json out.json]
 
 Step times are medians over --repeats passes, the families interleaved round by round (a slow minute hits all of
-them alike), after a past of 64 rows; every session uses --threads intra-op threads.
+them alike), after a past of 64 rows; every session uses --threads intra-op threads that do not spin while idle (with
+ten sessions taking turns, spinning pools of the others distorted the tree passes 2-3x).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, median  # noqa: E402
 from specx.exporter.pipeline import ExportRequest, export_bundle  # noqa: E402
 from specx.runtime.decoding import feed  # noqa: E402
-from specx.runtime.generator import Generator  # noqa: E402
+from specx.runtime.bundle import Bundle  # noqa: E402
+from specx.runtime.generator import _decoder  # noqa: E402
+from specx.runtime.manifest import Manifest  # noqa: E402
 from specx.runtime.tree import build_tree, chain  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
@@ -66,7 +69,8 @@ def main() -> None:
         src = tiny_models.save_family(work / f"hf-{name}", name, **sizes)
         bundle = export_bundle(ExportRequest(str(src), draft="none", output=work / name, dtype="fp32",
                                              ngram_tokens=0))
-        session = Generator.load(bundle, provider="cpu", threads=args.threads).target
+        # sessions take turns: idle thread pools must not spin through the next family's passes
+        session = _decoder(Bundle.load(bundle), Manifest.read(bundle).target, "cpu", args.threads, spinning=False)
         session.reserve(PAST + TREE + 1)
         per_layer, graph_level = nodes_per_layer(bundle / "target.onnx", args.layers)
         sessions[name], rows[name] = session, {"nodes_per_layer": per_layer, "graph_nodes": graph_level,
