@@ -284,3 +284,17 @@ def test_bench_runs_plain_decoding_only_where_trees_are_not_exact(llama_self_bun
     assert bench.check_modes(gen, ["autoregressive"]) == []
     with pytest.raises(InvalidArgumentError, match="cannot run mode"):
         bench.check_modes(gen, ["speculative"])
+
+
+def test_tuning_a_bundle_that_decodes_plainly_is_a_clear_error(llama_self_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "inexact"
+    shutil.copytree(llama_self_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"]["parity"]["row_consistent"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    gen = Generator.load(copy, provider="cpu")
+    prompts = bench.load_prompts(None, 1)
+    with pytest.raises(InvalidArgumentError, match="nothing to tune.*not exact"):
+        bench.tune(gen, prompts, bench.supported_modes(gen), 0.0, 4)

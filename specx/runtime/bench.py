@@ -218,6 +218,10 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
     after them (their mean is the baseline of that prompt's ratios); the winner has the best median speed-up, and
     plain decoding wins when nothing beats it. ``bars(name, total)``: progress, one step per generation."""
     pool = candidates(modes, temperature > 0)
+    if not pool:
+        why = "" if gen.draft_kind.exact_trees else (": its target's tree passes are not exact (manifest parity "
+                                                     "tree_vs_steps), so only plain decoding keeps its output")
+        raise InvalidArgumentError(f"nothing to tune: this bundle decodes plainly{why}")
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
     gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, **pool[0].kwargs())  # warm-up
     speedups: dict[Candidate, list[float]] = {c: [] for c in pool}
