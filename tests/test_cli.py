@@ -80,6 +80,7 @@ def test_run_draft_choice(gpt2_bundle):
 def test_info(gpt2_bundle):
     out = _ok(["info", str(gpt2_bundle)]).stdout
     assert "target" in out and "draft" in out and "gpt2" in out and "logit diff" in out and "ngram.npz" in out
+    assert "trees    exact (tree pass vs one-token steps:" in out
 
 
 def test_export_cli_to_specx_home_and_run_by_name(tmp_path, monkeypatch, models_dir):

@@ -17,7 +17,8 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory."),
     with user_errors():
         from specx.runtime.generator import Generator
 
-        b = Generator.load(bundle).bundle  # every check run makes: files, graphs and their contracts, tables
+        gen = Generator.load(bundle)  # every check run makes: files, graphs and their contracts, tables
+        b = gen.bundle
         m = b.manifest
         typer.echo(f"bundle   {b.path}  (format {m.format_version}, specx {m.specx_version}, {m.created})")
         typer.echo(f"dtype    {m.dtype}")
@@ -37,6 +38,10 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory."),
                 f"{a.max_positions}, {a.position_encoding} positions]  weights {entry.weight_bytes / 2**20:.1f} MiB"
                 f"  max |logit diff| vs torch {parity_text}{quant}"
             )
+        steps = m.target.parity.get("tree_vs_steps")
+        measured = "" if steps is None else f" (tree pass vs one-token steps: {steps:.1e})"
+        typer.echo(f"trees    exact{measured}: every mode keeps plain decoding's output" if gen.draft_kind.exact_trees
+                   else f"trees    not exact{measured}: decodes plainly (export with --quant-accuracy 0 to speculate)")
         if m.draft is None:
             typer.echo("draft    none")
         elif m.draft.training:
