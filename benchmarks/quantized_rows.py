@@ -6,7 +6,8 @@
 
 SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.sh). Variants:
     int{4,8}-b{32,64,128,256}[-l{0,4}]   MatMulNBits, block size, accuracy level (default 4)
-    q8row                                int8 weights (per column) x int8 activations quantized per row in the graph
+    q8row, q7row                         int8 (7-bit for q7row) weights (per column) x int8 activations quantized per
+                                         row in the graph
                                          (ReduceMax -> Div, Round, +128, Cast uint8 -> MatMulIntegerToFloat -> Mul):
                                          MLAS's U8S8 QGEMM,
                                          each row's result independent of the others (exact for speculation)
@@ -42,6 +43,7 @@ PAST = 100
 CAPACITY = 256
 ROWS = (1, 4, 16)
 INT8_MAX = 127.0
+INT7_MAX = 63.0  # q7row: weights in [-63, 63]
 
 
 def build_float_graph(source: str, work: Path) -> tuple[Path, dict]:
@@ -66,8 +68,9 @@ def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int) -> None
     onnx.save(quantizer.model.model, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
 
-def q8row(src: Path, dst: Path) -> None:
-    """Every MatMul with a 2-D weight -> per-row int8 activations x per-column int8 weights (MLAS QGEMM)."""
+def q8row(src: Path, dst: Path, weight_max: float = INT8_MAX) -> None:
+    """Every MatMul with a 2-D weight -> per-row int8 activations x per-column int8 weights (MLAS QGEMM).
+    ``weight_max`` 63: 7-bit weights, so no pair of u8 x s8 products can saturate a 16-bit sum in the kernel."""
     model = onnx.load(str(src))
     weights = {i.name: i for i in model.graph.initializer}
     nodes, added = [], []
@@ -84,7 +87,7 @@ def q8row(src: Path, dst: Path) -> None:
             continue
         p, x = node.name, node.input[0]
         array = numpy_helper.to_array(w).astype(np.float32)  # (K, N)
-        scale = np.maximum(np.abs(array).max(axis=0), 1e-12) / INT8_MAX  # (N,)
+        scale = np.maximum(np.abs(array).max(axis=0), 1e-12) / weight_max  # (N,)
         added += [numpy_helper.from_array(np.round(array / scale).astype(np.int8), f"{p}/q8w"),
                   numpy_helper.from_array(scale.astype(np.float32), f"{p}/q8s")]
         nodes += [
@@ -114,8 +117,8 @@ def make_variant(name: str, fp32: Path, work: Path) -> Path:
     if name == "fp32":
         return fp32
     dst = work / f"{name}.onnx"
-    if name == "q8row":
-        q8row(fp32, dst)
+    if name in ("q8row", "q7row"):
+        q8row(fp32, dst, INT8_MAX if name == "q8row" else INT7_MAX)
         return dst
     parts = name.split("-")  # int4-b32[-l4]
     bits, block = int(parts[0][3:]), int(parts[1][1:])
