@@ -152,8 +152,13 @@ def decoder(path: Path, fp32: Path, contract: dict, threads: int):
     return d
 
 
-def rows_vs_steps(d, rng: np.random.Generator, rows: int = 8) -> float:
-    """Max |logit| difference between an ``rows``-token pass and the same tokens fed one at a time."""
+def rows_vs_steps(d, rng: np.random.Generator, rows: int = 8, samples: int = 4) -> float:
+    """Max |logit| difference between ``rows``-token passes and the same tokens fed one at a time, over ``samples``
+    random token runs (one sample can miss it: a q7row sample once measured 5.7e-6 where others measured 2-3)."""
+    return max(_rows_vs_steps(d, rng, rows) for _ in range(samples))
+
+
+def _rows_vs_steps(d, rng: np.random.Generator, rows: int) -> float:
     tokens = rng.integers(0, d.contract.vocab_size, rows).astype(np.int64)
     past = d.past_len
     single = []
@@ -226,7 +231,7 @@ def main() -> None:
         step = median(times[(name, 1)])
         cells = " ".join(f"{median(times[(name, r)]):10.2f} ({median(times[(name, r)]) / step:4.2f}x)     " for r in ROWS)
         print(f"{name:12s} {cells} {step / base:6.2f}x")
-    print("tree pass vs one-token steps (max |logit diff| over an 8-token chain; exact trees need ~1e-4):")
+    print("tree pass vs one-token steps (max |logit diff|, 4 random 8-token chains; exact trees need ~1e-4):")
     for name, d in decoders.items():
         print(f"  {name:12s} {rows_vs_steps(d, rng):.2e}")
     if args.profile:
