@@ -251,19 +251,25 @@ def test_a_sampling_tuning_keeps_the_proposals_it_was_measured_with(generators, 
                             draft_choice="sample").stats.draft_choice == "sample"  # an explicit choice wins
 
 
-def test_a_target_whose_trees_are_not_exact_decodes_plainly(llama_bundle, tmp_path):
-    """A target measured at export to compute tree passes unlike one-token steps (int4 at accuracy_level 4 on real
-    models): auto decodes plainly and the tree modes refuse, rather than change the output."""
+def _inexact_copy(bundle, tmp_path):
+    """A copy of ``bundle`` whose manifest says its target's tree passes are not exact (as export records for int4 at
+    accuracy_level 4 on real models)."""
     import shutil
 
     copy = tmp_path / "inexact"
-    shutil.copytree(llama_bundle, copy)
+    shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    assert manifest["target"]["parity"]["row_consistent"] is True  # recorded at export
-    assert manifest["target"]["parity"]["tree_vs_steps"] <= 1e-3
     manifest["target"]["parity"]["row_consistent"] = False
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    gen = Generator.load(copy, provider="cpu")
+    return copy
+
+
+def test_a_target_whose_trees_are_not_exact_decodes_plainly(llama_bundle, tmp_path):
+    """A target measured at export to compute tree passes unlike one-token steps (int4 at accuracy_level 4 on real
+    models): auto decodes plainly and the tree modes refuse, rather than change the output."""
+    parity = json.loads((llama_bundle / "manifest.json").read_text())["target"]["parity"]
+    assert parity["row_consistent"] is True and parity["tree_vs_steps"] <= 1e-3  # recorded at export
+    gen = Generator.load(_inexact_copy(llama_bundle, tmp_path), provider="cpu")
     result = gen.generate("one two", max_new_tokens=8, ignore_eos=True)
     assert result.stats.mode == "autoregressive"
     for mode in ("speculative", "staged", "ngram"):
@@ -272,14 +278,7 @@ def test_a_target_whose_trees_are_not_exact_decodes_plainly(llama_bundle, tmp_pa
 
 
 def test_bench_runs_plain_decoding_only_where_trees_are_not_exact(llama_self_bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "inexact"
-    shutil.copytree(llama_self_bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["target"]["parity"]["row_consistent"] = False
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    gen = Generator.load(copy, provider="cpu")
+    gen = Generator.load(_inexact_copy(llama_self_bundle, tmp_path), provider="cpu")
     assert bench.supported_modes(gen) == []
     assert bench.check_modes(gen, ["autoregressive"]) == []
     with pytest.raises(InvalidArgumentError, match="cannot run mode"):
@@ -287,14 +286,7 @@ def test_bench_runs_plain_decoding_only_where_trees_are_not_exact(llama_self_bun
 
 
 def test_tuning_a_bundle_that_decodes_plainly_is_a_clear_error(llama_self_bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "inexact"
-    shutil.copytree(llama_self_bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["target"]["parity"]["row_consistent"] = False
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    gen = Generator.load(copy, provider="cpu")
+    gen = Generator.load(_inexact_copy(llama_self_bundle, tmp_path), provider="cpu")
     prompts = bench.load_prompts(None, 1)
     with pytest.raises(InvalidArgumentError, match="nothing to tune.*not exact"):
         bench.tune(gen, prompts, bench.supported_modes(gen), 0.0, 4)
