@@ -45,22 +45,25 @@ def feed(session: DecoderSession, tokens: np.ndarray) -> np.ndarray:
 
     Returns the logits of the last token, shape (vocab,).
     """
+    return _committed_run(session.forward, session, tokens)[0, -1]
+
+
+def _committed_run(run_pass, session: DecoderSession, tokens: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """``run_pass`` (session.forward or forward_tokens) over a straight run of tokens, committed; its output."""
     run = chain(tokens.size)
-    logits = session.forward(
+    out = run_pass(
         tokens.reshape(1, -1),  # (1, seq)
         run.positions(session.past_len),  # (1, seq)
         run.attention_mask(session.past_len),  # (1, 1, seq, past+seq)
     )
     session.commit()
-    return logits[0, -1]
+    return out
 
 
 def prefill(session: DecoderSession, tokens: np.ndarray) -> None:
     """``feed`` whose logits nobody reads (the rows before a tree's root): only the argmax row leaves the graph, not
     (seq, vocab) logits (20 MB for a 100-token prompt over a 49k vocabulary)."""
-    run = chain(tokens.size)
-    session.forward_tokens(tokens.reshape(1, -1), run.positions(session.past_len), run.attention_mask(session.past_len))
-    session.commit()
+    _committed_run(session.forward_tokens, session, tokens)
 
 
 def feed_next(session: DecoderSession, tokens: np.ndarray, sampling: SamplingConfig,
@@ -68,11 +71,7 @@ def feed_next(session: DecoderSession, tokens: np.ndarray, sampling: SamplingCon
     """``feed``, then plain decoding's choice of the next token. Greedy takes the graph's own argmax
     (``next_tokens``): the logits stay on the device."""
     if sampling.greedy:
-        run = chain(tokens.size)
-        ids = session.forward_tokens(tokens.reshape(1, -1), run.positions(session.past_len),
-                                     run.attention_mask(session.past_len))  # (1, seq)
-        session.commit()
-        return int(ids[0, -1])
+        return int(_committed_run(session.forward_tokens, session, tokens)[0, -1])  # ids (1, seq)
     return choose_token(feed(session, tokens), sampling, rng)
 
 

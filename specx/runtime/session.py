@@ -272,8 +272,8 @@ class DecoderSession:
 
     def _run(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
              extra: Mapping[str, np.ndarray] | None, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
-        """One pass with ``wanted`` (logits or next_tokens) and the extra outputs bound to host buffers; the other
-        of logits / next_tokens stays unbound (ORT keeps it on the device)."""
+        """One pass with what ``wanted`` names (``_PASS_OUTPUTS``) and the extra outputs bound to host buffers; the
+        graph's other per-token outputs stay unbound (ORT keeps them on the device)."""
         seq = input_ids.shape[1]
         total = self.past_len + seq
         expected_mask = (self.batch, 1, seq, total)
