@@ -211,13 +211,7 @@ def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...
                       committed_length: bool = False) -> _Attention:
     """tree_mask (batch, 1, seq, total) bool -> additive bias, seqlens_k = total - 1 per batch row, total length;
     one bias per sliding window; and where asked (or windows need it) the committed length."""
-    zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
-    blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
-    bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, total)
-    mask_shape = b.op1("Shape", [TREE_MASK], "/model/attn_mask/Shape")
-    total = b.op1("Gather", [mask_shape, b.constant("/model/constants/axis_total", np.array(MASK_AXIS_TOTAL))],
-                  "/model/attn_mask/total/Gather")  # () int64
-    total32 = b.op1("Cast", [total], "/model/attn_mask/total/Cast", to=TensorProto.INT32)
+    zero, blocked, bias, total, total32 = _mask_bias(b, float_dtype)  # total: past + seq
     last = b.op1("Sub", [total32, b.constant("/model/constants/one_i32", np.array(1, np.int32))],
                  "/model/attn_mask/seqlens_k/Sub")
     batch = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/batch/Shape", end=1)  # (1,)
@@ -234,6 +228,19 @@ def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...
     return _Attention(bias, seqlens, total32, window_bias, past_length, past)
 
 
+def _mask_bias(b: GraphBuilder, float_dtype: str) -> tuple[str, str, str, str, str]:
+    """tree_mask -Where(0, the dtype's minimum)-> additive bias; the mask's width as int64 and int32.
+    Returns (zero, blocked, bias, width, width32)."""
+    zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
+    blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
+    bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, width)
+    mask_shape = b.op1("Shape", [TREE_MASK], "/model/attn_mask/Shape")
+    width = b.op1("Gather", [mask_shape, b.constant("/model/constants/axis_total", np.array(MASK_AXIS_TOTAL))],
+                  "/model/attn_mask/total/Gather")  # () int64
+    width32 = b.op1("Cast", [width], "/model/attn_mask/total/Cast", to=TensorProto.INT32)
+    return zero, blocked, bias, width, width32
+
+
 def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...]) -> _Attention:
     """Static shapes (a CUDA graph replays fixed shapes only): tree_mask (batch, 1, seq, capacity) -> bias as wide as
     the cache; total_sequence_length = capacity; seqlens_k = past_length + seq - 1 per batch row, from the input.
@@ -242,13 +249,7 @@ def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[i
         past_length (batch,) + Shape(input_ids)[1] - 1 -Cast-> seqlens_k (batch,) int32
         Shape(tree_mask)[3] -Cast-> total (capacity) int32
     """
-    zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
-    blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
-    bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, capacity)
-    mask_shape = b.op1("Shape", [TREE_MASK], "/model/attn_mask/Shape")
-    width = b.op1("Gather", [mask_shape, b.constant("/model/constants/axis_total", np.array(MASK_AXIS_TOTAL))],
-                  "/model/attn_mask/total/Gather")  # () int64: the capacity
-    total32 = b.op1("Cast", [width], "/model/attn_mask/total/Cast", to=TensorProto.INT32)
+    zero, blocked, bias, width, total32 = _mask_bias(b, float_dtype)  # width: the capacity
     seq = b.op1("Shape", [INPUT_IDS], "/model/attn_mask/seq/Shape", start=1, end=2)  # (1,)
     end = b.op1("Add", [PAST_LENGTH, seq], "/model/attn_mask/seqlens_k/Add")  # (batch,) int64: past + seq
     last = b.op1("Sub", [end, b.constant("/model/constants/one_i64", np.array(1, np.int64))],
