@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,18 @@ def machine() -> dict:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
     }
+
+
+def timed(fn, warmup: int, repeats: int) -> float:  # noqa: ANN001
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def median(values: list[float]) -> float:

@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import PROMPTS, load_prompts, machine, median  # noqa: E402
+from benchmarks.common import PROMPTS, load_prompts, machine, median, timed  # noqa: E402
 from specx.runtime import Generator  # noqa: E402
 from specx.runtime.decoding import feed  # noqa: E402
 from specx.runtime.tree import build_tree  # noqa: E402
@@ -47,17 +46,6 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
-
-
-def timed(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def bandwidth_floor(weight_bytes: int, hidden: int, threads: int, warmup: int, repeats: int) -> float:

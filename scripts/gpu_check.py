@@ -150,14 +150,9 @@ def first_line(exc: BaseException) -> str:
 
 
 def median_ms(run: Callable[[], object], warmups: int, repeats: int) -> float:
-    for _ in range(warmups):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    from benchmarks.common import timed
+
+    return 1e3 * timed(run, warmups, repeats)
 
 
 def random_tree(nodes: int, rng: np.random.Generator) -> Any:
