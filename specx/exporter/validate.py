@@ -16,6 +16,7 @@ from specx.exporter.onnx_export import commit_path
 from specx.exporter.wrapper import TreeDecoder
 from specx.graphs.contract import GraphContract
 from specx.graphs.precision import PRECISIONS
+from specx.runtime.decoding import feed
 from specx.runtime.session import DecoderSession, open_session
 from specx.runtime.tree import Tree, build_tree, chain
 
@@ -102,13 +103,10 @@ def tree_vs_steps(session: DecoderSession, past: int, tokens: np.ndarray, tree: 
     """Max |logit| difference between a tree pass's rows (n, vocab) and the same nodes decoded one token at a time
     after the committed ``past`` rows, as plain decoding runs them."""
     worst = 0.0
-    step = chain(1)
     for node in range(tree.size):
         session.rewind(past)
         for token in tokens[tree.path(node)]:
-            row = session.forward(np.array([[token]], np.int64), step.positions(session.past_len),
-                                  step.attention_mask(session.past_len))[0, 0]
-            session.commit()
+            row = feed(session, np.array([token], np.int64))  # one token, as plain decoding feeds it
         worst = max(worst, float(np.max(np.abs(row.astype(np.float64) - tree_logits[node]))))
     return worst
 
