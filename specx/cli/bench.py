@@ -104,7 +104,7 @@ def _tune(generator, prompt_set, modes, temperatures, new_tokens, machine) -> No
     record = {}
     for temperature in temperatures:
         key = "sampling" if temperature > 0 else "greedy"
-        typer.echo(f"specx bench --tune ({key}): {len(b.candidates(modes, temperature > 0))} candidates x "
+        typer.echo(f"specx bench --tune ({key}): {len(b.candidates(modes, temperature > 0, generator.draft_kind.chains_only))} candidates x "
                    f"{len(prompt_set)} prompts, {new_tokens} tokens each", err=True)
         best, speedup, _ = b.tune(generator, prompt_set, modes, temperature, new_tokens,
                                   lambda c, s: typer.echo(f"  {c.mode}{tree_text(asdict(c))}: {s:.2f}x", err=True),

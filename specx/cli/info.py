@@ -40,8 +40,16 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory."),
             )
         steps = m.target.parity.get("tree_vs_steps")
         measured = "" if steps is None else f" (tree pass vs one-token steps: {steps:.1e})"
-        typer.echo(f"trees    exact{measured}: every mode keeps plain decoding's output" if gen.draft_kind.exact_trees
-                   else f"trees    not exact{measured}: decodes plainly (export with --quant-accuracy 0 to speculate)")
+        kind = gen.draft_kind
+        chains = m.target.parity.get("chain_vs_steps")
+        chain_text = "" if chains is None else f" (chain pass vs one-token steps: {chains:.1e})"
+        if kind.exact_trees:
+            typer.echo(f"trees    exact{measured}: every mode keeps plain decoding's output")
+        elif kind.exact_chains:
+            typer.echo(f"trees    chains only{chain_text}; trees not exact{measured}: every mode verifies chains "
+                       "(export with --quant-accuracy 0 for exact trees)")
+        else:
+            typer.echo(f"trees    not exact{measured}: decodes plainly (export with --quant-accuracy 0 to speculate)")
         if m.draft is None:
             typer.echo("draft    none")
         elif m.draft.training:

@@ -27,10 +27,10 @@ from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
 from specx.graphs.contract import DRAFT_TOP_K
 from specx.graphs.passes import weight_bytes
-from specx.graphs.decoder import uses_gqa
+from specx.graphs.decoder import SPARE_ROWS, uses_gqa
 from specx.graphs.precision import CUDA, PRECISIONS, Precision
 from specx.graphs.quantize import (ACCURACY_LEVEL, ACCURACY_LEVELS, BLOCK_SIZE, BLOCK_SIZES, EXACT_ACCURACY_LEVEL,
-                                   quantize_built, scheme, unquantized_path)
+                                   INT8_COMPUTE_LEVEL, quantize_built, scheme, unquantized_path)
 from specx.runtime.bundle import bundle_name, specx_home
 from specx.runtime.integrity import record_files
 from specx.runtime.manifest import DTYPES, Manifest, ModelEntry, NgramEntry, TokenizerEntry
@@ -178,6 +178,13 @@ def static_shapes(precision: Precision, adapter: ArchitectureAdapter) -> bool:
     return precision.device == CUDA and uses_gqa(adapter.spec)
 
 
+def needs_spare_row(bits: int | None, accuracy_level: int, static: bool, adapter: ArchitectureAdapter) -> bool:
+    """Two-row attention for a target whose weight-quantized matmuls compute in int8 (accuracy_level >= 1) on the
+    CPU: they amplify the ~1e-7 by which a one-row attention call differs from a multi-row one to ~1 logit, so only
+    with two rows in every call do its chain passes give what one-token steps give (exact chains)."""
+    return bool(bits) and accuracy_level >= INT8_COMPUTE_LEVEL and not static and uses_gqa(adapter.spec)
+
+
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
                   opset: int, progress: Progress, source: str | None = None,
                   feature_layers: tuple[int, ...] = (), accuracy_level: int = ACCURACY_LEVEL,
@@ -188,10 +195,12 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     precision = PRECISIONS[dtype]
     kv_dtype, bits = precision.activations, precision.bits
     built = unquantized_path(path) if bits else path
+    static = static_shapes(precision, adapter)
+    spare = SPARE_ROWS if role == "target" and needs_spare_row(bits, accuracy_level, static, adapter) else 0
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
                                   feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0,
-                                  static_shapes=static_shapes(precision, adapter))
+                                  static_shapes=static, spare_rows=spare)
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, precision.float_name).to_dict()
     if bits:

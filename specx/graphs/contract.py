@@ -28,6 +28,8 @@ Decoder graph (target and draft)::
     present.{i}.key / .value
                    kv     (batch, kv_heads, capacity, head_dim)   the same buffer (bound as input and output):
                                                                   this pass's K/V written in place at [past, total)
+    ``spare_rows`` (1 on targets whose quantized matmuls compute in int8): the graph's attention also writes row
+    ``total`` (a copy of the last query, never committed), so the cache must hold total + spare_rows rows
 
 Feature draft graph (one decoder layer that reads the target's features, EAGLE-style)::
 
@@ -122,16 +124,20 @@ class GraphContract:
     feature_layers: tuple[int, ...] = ()  # decoder: the layers whose inputs the features output holds
     feature_width: int = 0  # width of the features output (decoder) or input (feature draft)
     hidden_size: int = 0  # feature draft: width of its hidden input and hidden_states output
+    spare_rows: int = 0  # decoder: rows past each pass its attention writes (a dummy query row; see the module doc)
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
                 feature_layers: tuple[int, ...] = (), hidden_size: int = 0, top_k: int = 0,
-                static_shapes: bool = False) -> "GraphContract":
+                static_shapes: bool = False, spare_rows: int = 0) -> "GraphContract":
         """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads;
         ``top_k`` (drafts) the top tokens and probabilities of each row; ``static_shapes`` a capacity-wide mask and
-        the committed length as an input (the shapes a CUDA graph can replay)."""
+        the committed length as an input (the shapes a CUDA graph can replay); ``spare_rows`` the rows past a pass
+        the graph's attention writes."""
         _check_kv_dtype(kv_dtype)
+        if spare_rows < 0 or (spare_rows and static_shapes):
+            raise ContractError(f"spare_rows must be >= 0 and needs dynamic shapes, got {spare_rows}")
         if feature_layers and (hidden_size < 1 or any(not 0 <= k < num_layers for k in feature_layers)):
             raise ContractError(f"feature layers {feature_layers} must lie in [0, {num_layers}) with a hidden size")
         width = len(feature_layers) * hidden_size
@@ -142,7 +148,7 @@ class GraphContract:
             outputs.append(TensorSpec(FEATURES, "float32", ("batch", "seq", width)))
         inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
         return cls(DECODER, num_layers, num_kv_heads, head_dim, vocab_size, kv_dtype, inputs, outputs,
-                   tuple(feature_layers), width, hidden_size if feature_layers else 0)
+                   tuple(feature_layers), width, hidden_size if feature_layers else 0, spare_rows)
 
     @classmethod
     def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
@@ -216,6 +222,7 @@ class GraphContract:
             "feature_layers": list(self.feature_layers),
             "feature_width": self.feature_width,
             "hidden_size": self.hidden_size,
+            "spare_rows": self.spare_rows,
         }
 
     @classmethod
@@ -239,6 +246,7 @@ class GraphContract:
                 feature_layers=tuple(int(k) for k in d.get("feature_layers") or ()),
                 feature_width=int(d.get("feature_width") or 0),
                 hidden_size=int(d.get("hidden_size") or 0),
+                spare_rows=int(d.get("spare_rows") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"malformed graph contract ({exc!r}); re-export the bundle") from exc

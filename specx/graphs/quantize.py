@@ -22,8 +22,9 @@ from specx.graphs.passes import embed_contract
 
 BLOCK_SIZE = 32  # the default; 128 measured a 16% faster int4 step on SmolLM2-135M (docs/benchmarks.md)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-ACCURACY_LEVEL = 4  # int8 compute: fast, but its multi-row kernel differs from its one-row kernel (not exact trees)
+ACCURACY_LEVEL = 4  # int8 compute: fast; amplifies float differences ~1e-7 to ~1 logit, so only exact chains
 EXACT_ACCURACY_LEVEL = 0  # float compute: tree passes give what one-token steps give (~1.3x slower steps measured)
+INT8_COMPUTE_LEVEL = 4  # MatMulNBits quantizes activations to int8 at this level (x86 CPU: 1-3 compute in float)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 SUPPORTED_BITS = (4, 8)
 

@@ -81,7 +81,8 @@ def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Pro
 def supported_modes(gen: Generator) -> list[str]:
     """Staged and n-gram modes run without a sampled table too (the n-gram model counts the context). None where the
     target's tree passes are not exact (they would change the output): such a bundle decodes plainly."""
-    if not gen.draft_kind.exact_trees:
+    kind = gen.draft_kind
+    if not (kind.exact_trees or kind.exact_chains):
         return []
     return (["speculative", "staged"] if gen.draft is not None else []) + ["ngram"]
 
@@ -206,9 +207,11 @@ class Candidate:
                 "tree_threshold": self.tree_threshold, "tree_floor": self.tree_floor}
 
 
-def candidates(modes: Sequence[str], sampling: bool) -> list[Candidate]:
+def candidates(modes: Sequence[str], sampling: bool, chains_only: bool = False) -> list[Candidate]:
+    """The shapes `--tune` tries; ``chains_only`` (a target whose chain passes alone are exact): the chains."""
     key = "sampling" if sampling else "greedy"
-    return [Candidate(mode, budget, depth, threshold, floor) for mode in modes for budget, depth in TUNE_SHAPES
+    shapes = [(b, d) for b, d in TUNE_SHAPES if b == d or not chains_only]
+    return [Candidate(mode, budget, depth, threshold, floor) for mode in modes for budget, depth in shapes
             for threshold in TUNE_THRESHOLDS[key] for floor in TUNE_FLOORS[key]
             if not floor or (budget > depth and mode != "ngram")]
 
@@ -219,10 +222,12 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
     """Every candidate (mode x tree shape x threshold) on every prompt, each prompt's plain decoding run before and
     after them (their mean is the baseline of that prompt's ratios); the winner has the best median speed-up, and
     plain decoding wins when nothing beats it. ``bars(name, total)``: progress, one step per generation."""
-    pool = candidates(modes, temperature > 0)
+    pool = candidates(modes, temperature > 0, chains_only=gen.draft_kind.chains_only)
     if not pool:
-        why = "" if gen.draft_kind.exact_trees else (": its target's tree passes are not exact (manifest parity "
-                                                     "tree_vs_steps), so only plain decoding keeps its output")
+        kind = gen.draft_kind
+        why = "" if kind.exact_trees or kind.exact_chains else (
+            ": its target's tree passes are not exact (manifest parity tree_vs_steps), so only plain decoding keeps "
+            "its output")
         raise InvalidArgumentError(f"nothing to tune: this bundle decodes plainly{why}")
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature, seed=SEED)
     gen.generate(prompts[0].text, max_new_tokens=WARMUP_TOKENS, ignore_eos=True, **pool[0].kwargs())  # warm-up

@@ -43,6 +43,12 @@ class DraftKind:
     trained: bool = False  # a trained feature draft (`specx train-draft`)
     exact_trees: bool = True  # the target's tree passes give each node what one-token steps give it (measured at
                               # export: manifest parity row_consistent); without it no mode may verify a tree
+    exact_chains: bool = True  # the same for chains (parity chains_exact): with it but not exact_trees, every mode
+                               # verifies chains only (int8-activation targets with two-row attention)
+
+    @property
+    def chains_only(self) -> bool:
+        return self.exact_chains and not self.exact_trees
 
 
 def resolve(config: GenerationConfig, draft: DraftKind, tuned: Mapping[str, Any] | None) -> GenerationConfig:
@@ -59,6 +65,8 @@ def resolve(config: GenerationConfig, draft: DraftKind, tuned: Mapping[str, Any]
     if sampling and mode in DRAFTING_MODES:
         choice = "sample" if draw else "top"  # where it matters, "auto" is decided
     shape = _tree(config.tree, tuned, mode, config.temperature, draw, draft.trained)
+    if draft.chains_only:
+        shape = _chain(shape, config.tree)
     return replace(config, mode=mode, tree=TreeConfig(shape.budget, shape.depth, shape.threshold, shape.floor, choice))
 
 
@@ -70,7 +78,7 @@ def tuned_record(tuning: Mapping[str, Any] | None, sampling: bool) -> dict[str, 
 def resolve_mode(mode: str, sampling: bool, draft: DraftKind) -> str:
     """A concrete mode: ``auto`` as measured best for the bundle's draft; a drafting mode needs a draft model; a
     target whose tree passes are not exact decodes plainly (auto) or refuses the tree modes."""
-    if not draft.exact_trees:
+    if not (draft.exact_trees or draft.exact_chains):
         if mode == "auto":
             return "autoregressive"
         if mode != "autoregressive":
@@ -113,6 +121,18 @@ def _tree(asked: TreeConfig, tuned: dict[str, Any], mode: str, temperature: floa
     if threshold is None:
         threshold = _default_threshold(temperature, draw, trained)
     return tree_shape(budget, depth, threshold, floor)
+
+
+def _chain(shape: TreeShape, asked: TreeConfig) -> TreeShape:
+    """A target whose chain passes alone are exact verifies chains: the shape's depth, one node a level (a budget
+    asked above the depth is refused; a tuned or default tree becomes its depth's chain)."""
+    if asked.budget is not None and asked.budget > shape.depth:
+        raise InvalidArgumentError(
+            f"a tree budget of {asked.budget} over a depth of {shape.depth} would verify a tree, and this bundle's "
+            "target keeps plain decoding's output with chains only (int8-activation kernels; manifest parity "
+            "chains_exact). Ask for a chain (--tree-budget equal to --tree-depth), or export the target with "
+            "--quant-accuracy 0 for exact trees")
+    return TreeShape(budget=shape.depth, depth=shape.depth, threshold=shape.threshold, floor=0.0)
 
 
 def _tree_size(asked: TreeConfig, tuned: dict[str, Any], trained_greedy: bool) -> tuple[int | None, int | None, float]:

@@ -221,8 +221,9 @@ class Generator:
 
     @property
     def draft_kind(self) -> DraftKind:
+        target = self.bundle.manifest.target
         return DraftKind(model=self.draft is not None, trained=self.vocab_map is not None,
-                         exact_trees=exact_trees(self.bundle.manifest.target))
+                         exact_trees=exact_trees(target), exact_chains=exact_chains(target))
 
     def _check_tree_fits(self, budget: int | None, depth: int | None) -> None:
         """Refuse, before anything is allocated, a tree that no verify pass could hold (it asked for 119 GiB at a
@@ -418,6 +419,13 @@ def exact_trees(target: ModelEntry) -> bool:
     if recorded is not None:
         return bool(recorded)
     return not (target.quantization and target.quantization.get("accuracy_level", 0) >= INEXACT_ACCURACY_LEVEL)
+
+
+def exact_chains(target: ModelEntry) -> bool:
+    """Whether the target's chain passes give each row what one-token steps give it (parity chains_exact: targets
+    with two-row attention); bundles from before the measurement: as their trees."""
+    recorded = target.parity.get("chains_exact")
+    return exact_trees(target) if recorded is None else bool(recorded)
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,

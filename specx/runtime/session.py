@@ -223,7 +223,8 @@ class DecoderSession:
             raise InvalidArgumentError("reserve() a larger cache only on an empty cache (call reset() first)")
         # at least double: a growing conversation (reuse of earlier turns) reallocates, and so recomputes, rarely
         capacity = max(-(-rows // CACHE_BLOCK) * CACHE_BLOCK, 2 * self.capacity)
-        shape = (self.batch, self.contract.num_kv_heads, capacity, self.contract.head_dim)
+        # + the rows a two-row-attention graph writes past a pass (contract.spare_rows): never committed
+        shape = (self.batch, self.contract.num_kv_heads, capacity + self.contract.spare_rows, self.contract.head_dim)
         self._cache = [
             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_type), self.placement.device, 0)
             for _ in self.contract.past_input_names

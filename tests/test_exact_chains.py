@@ -1,0 +1,116 @@
+"""Exact chains on int8-activation targets: two-row attention makes a chain pass give each row, bit for bit, what
+one-token steps give it, and a target whose trees are not exact speculates with chains instead of decoding plainly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from specx.errors import InvalidArgumentError
+from specx.exporter.pipeline import ExportRequest, export_bundle
+from specx.runtime import Generator, bench
+from specx.runtime.decoding import feed
+from specx.runtime.tree import chain
+from tests.helpers import open_target
+
+PROMPTS = ("one two three", "def f1(x):", "the quick brown fox")
+PAST = 30  # committed rows before the chain: longer than a SIMD width, so the one-row kernels differ
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tmp_path_factory, llama_dir) -> Path:
+    """The default int4 target (MatMulNBits accuracy_level 4: int8 activations), an n-gram table, a shallow draft."""
+    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path_factory.mktemp("b") / "q4",
+                                       dtype="int4", ngram_tokens=256))
+
+
+@pytest.fixture(scope="module")
+def chains_only_bundle(int4_bundle, tmp_path_factory) -> Path:
+    """The int4 bundle as a real model's export records it: trees not exact, chains exact (the tiny model's trees
+    happen to measure exact; SmolLM2-135M's measured 0.5-2.4 logits apart)."""
+    copy = tmp_path_factory.mktemp("b") / "chains"
+    shutil.copytree(int4_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"]["parity"]["row_consistent"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_int8_activation_targets_get_two_row_attention(int4_bundle):
+    manifest = json.loads((int4_bundle / "manifest.json").read_text())
+    target, draft = manifest["target"], manifest["draft"]
+    assert target["contract"]["spare_rows"] == 1 and draft["contract"]["spare_rows"] == 0  # drafts need no exactness
+    graph = onnx.load(str(int4_bundle / "target.onnx"), load_external_data=False)
+    layers = target["architecture"]["num_layers"]
+    names = [n.name for n in graph.graph.node]
+    assert sum(n.endswith("/attn/spare/Slice") for n in names) == layers
+    assert target["parity"]["chains_exact"] is True and target["parity"]["chain_vs_steps"] == 0.0
+
+
+@pytest.mark.parametrize("dtype,accuracy", [("fp32", None), ("int4", 0)])
+def test_exact_float_compute_keeps_one_row_attention(llama_dir, tmp_path, dtype, accuracy):
+    out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / dtype, dtype=dtype,
+                                      ngram_tokens=0, quant_accuracy=accuracy))
+    parity = json.loads((out / "manifest.json").read_text())["target"]
+    assert parity["contract"]["spare_rows"] == 0
+    assert parity["parity"]["row_consistent"] is True and parity["parity"]["chains_exact"] is True
+
+
+def test_chain_pass_rows_are_bitwise_one_token_steps(int4_bundle):
+    """Every row of chain passes of 2..6 tokens after a 30-row past == the same tokens fed one at a time, to the bit
+    (logits and the cache rows written)."""
+    session = open_target(int4_bundle)
+    rng = np.random.default_rng(0)
+    vocab = session.contract.vocab_size
+    prefix = rng.integers(0, vocab, PAST).astype(np.int64)
+    feed(session, prefix)
+    for n in range(2, 7):
+        tokens = rng.integers(0, vocab, n).astype(np.int64)
+        session.rewind(PAST)
+        run = chain(n)
+        passed = session.forward(tokens[None], run.positions(PAST), run.attention_mask(PAST))[0]  # (n, vocab)
+        session.commit()
+        cache = [v.numpy()[:, :, PAST:PAST + n].copy() for v in session._cache]
+        session.rewind(PAST)
+        stepped = np.stack([feed(session, tokens[i:i + 1]) for i in range(n)])  # (n, vocab)
+        assert np.array_equal(passed, stepped), (n, float(np.abs(passed - stepped).max()))
+        for before, value in zip(cache, session._cache):
+            assert np.array_equal(before, value.numpy()[:, :, PAST:PAST + n])
+
+
+@pytest.mark.parametrize("mode", ["speculative", "staged", "ngram"])
+def test_a_chains_only_target_speculates_with_chains_losslessly(chains_only_bundle, mode):
+    gen = Generator.load(chains_only_bundle, provider="cpu")
+    assert gen.draft_kind.chains_only
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=24, ignore_eos=True, mode="autoregressive").tokens
+        fast = gen.generate(prompt, max_new_tokens=24, ignore_eos=True, mode=mode, tree_depth=4)
+        assert fast.tokens == plain
+        assert fast.stats.tree_budget == fast.stats.tree_depth == 4
+
+
+def test_a_chains_only_target_to_the_end_of_its_context(chains_only_bundle):
+    """The spare row past the last pass still fits the cache at the end of the context."""
+    gen = Generator.load(chains_only_bundle, provider="cpu")
+    prompt = PROMPTS[0]
+    new = gen.max_positions - len(gen.bundle.tokenizer.encode(prompt).ids)
+    plain = gen.generate(prompt, max_new_tokens=new, mode="autoregressive", ignore_eos=True)
+    fast = gen.generate(prompt, max_new_tokens=new, mode="speculative", ignore_eos=True, tree_depth=5)
+    assert fast.tokens == plain.tokens and len(plain.tokens) == new
+
+
+def test_a_chains_only_target_turns_trees_into_chains(chains_only_bundle):
+    gen = Generator.load(chains_only_bundle, provider="cpu")
+    auto = gen.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
+    assert auto.stats.mode != "autoregressive" and auto.stats.tree_budget == auto.stats.tree_depth
+    with pytest.raises(InvalidArgumentError, match="chains only"):
+        gen.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True, mode="speculative", tree_budget=8, tree_depth=4)
+    assert bench.supported_modes(gen) == ["speculative", "staged", "ngram"]
+    pool = bench.candidates(["speculative"], sampling=False, chains_only=True)
+    assert pool and all(c.tree_budget == c.tree_depth for c in pool)
+    assert any(c.tree_budget > c.tree_depth for c in bench.candidates(["speculative"], sampling=False))
