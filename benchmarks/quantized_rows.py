@@ -5,7 +5,9 @@
                                         [--profile]
 
 SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.sh). Variants:
-    int{4,8}-b{32,64,128,256}[-l{0,4}]   MatMulNBits, block size, accuracy level (default 4)
+    int{4,8}-b{32,64,128,256}[-l{0,4}][-chains]
+                                         MatMulNBits, block size, accuracy level (default 4); -chains: two-row
+                                         attention (what export builds for accuracy 4: exact chains)
     q8row, q7row                         int8 (7-bit for q7row) weights (per column) x int8 activations quantized per
                                          row in the graph
                                          (ReduceMax -> Div, Round, +128, Cast uint8 -> MatMulIntegerToFloat -> Mul):
@@ -46,17 +48,23 @@ INT8_MAX = 127.0
 INT7_MAX = 63.0  # q7row: weights in [-63, 63]
 
 
-def build_float_graph(source: str, work: Path) -> tuple[Path, dict]:
-    """The fp32 target graph with its own lm_head (quantizable), built once."""
+def build_float_graphs(source: str, work: Path, spare: bool) -> dict[bool, tuple[Path, dict]]:
+    """The fp32 target graph with its own lm_head (quantizable), built once; with ``spare`` also its two-row
+    attention twin. Keyed by spare rows or not."""
     from specx.exporter.adapters import adapter_for
     from specx.exporter.onnx_export import export_decoder
     from specx.exporter.sources import load_source
+    from specx.graphs.decoder import SPARE_ROWS
 
     loaded = load_source(source, "fp32")
     adapter = adapter_for(loaded.model.config)
-    path = work / "fp32.onnx"
-    contract = export_decoder(adapter, loaded.model, path, "float32", head="own")
-    return path, contract.to_dict()
+    graphs = {}
+    for with_spare in (False, True) if spare else (False,):
+        path = work / ("fp32-chains.onnx" if with_spare else "fp32.onnx")
+        contract = export_decoder(adapter, loaded.model, path, "float32", head="own",
+                                  spare_rows=SPARE_ROWS if with_spare else 0)
+        graphs[with_spare] = (path, contract.to_dict())
+    return graphs
 
 
 def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int) -> None:
@@ -120,7 +128,7 @@ def make_variant(name: str, fp32: Path, work: Path) -> Path:
     if name in ("q8row", "q7row"):
         q8row(fp32, dst, INT8_MAX if name == "q8row" else INT7_MAX)
         return dst
-    parts = name.split("-")  # int4-b32[-l4]
+    parts = [p for p in name.split("-") if p != "chains"]  # int4-b32[-l4][-chains]
     bits, block = int(parts[0][3:]), int(parts[1][1:])
     level = int(parts[2][1:]) if len(parts) > 2 else 4
     matmulnbits(fp32, dst, bits, block, level)
@@ -205,15 +213,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="pass lengths, comma-separated (1 first)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="specx-qrows-"))
     work.mkdir(parents=True, exist_ok=True)
-    fp32, contract = build_float_graph(args.source, work)
     names = args.variants.split(",")
-    paths = {name: make_variant(name, fp32, work) for name in names}
-    decoders = {name: decoder(path, fp32, contract, args.threads) for name, path in paths.items()}
+    rows_list = tuple(int(r) for r in args.rows.split(","))
+    graphs = build_float_graphs(args.source, work, any(n.endswith("-chains") for n in names))
+    built = {name: graphs[name.endswith("-chains")] for name in names}  # name -> (fp32 graph, contract)
+    contract = graphs[False][1]
+    paths = {name: make_variant(name, built[name][0], work) for name in names}
+    decoders = {name: decoder(path, *built[name], args.threads) for name, path in paths.items()}
     rng = np.random.default_rng(0)
-    passes = {rows: chain(rows) for rows in ROWS}
+    passes = {rows: chain(rows) for rows in rows_list}
     times = collections.defaultdict(list)
     for round_ in range(args.repeats + 1):  # the first round warms up
         for name, d in decoders.items():
@@ -226,14 +238,15 @@ def main() -> None:
     print(f"machine {machine()}; threads {args.threads}; repeats {args.repeats}; past {PAST}; runtime path "
           "(IO binding, static cache, next_tokens)")
     base = median(times[(names[0], 1)])
-    print(f"{'variant':12s} " + " ".join(f"{r:>3d} rows ms (x own step)" for r in ROWS) + f"   step vs {names[0]}")
+    print(f"{'variant':18s} " + " ".join(f"{r:>3d} rows ms (x own step)" for r in rows_list) + f"   step vs {names[0]}")
     for name in names:
         step = median(times[(name, 1)])
-        cells = " ".join(f"{median(times[(name, r)]):10.2f} ({median(times[(name, r)]) / step:4.2f}x)     " for r in ROWS)
-        print(f"{name:12s} {cells} {step / base:6.2f}x")
-    print("tree pass vs one-token steps (max |logit diff|, 4 random 8-token chains; exact trees need ~1e-4):")
+        cells = " ".join(f"{median(times[(name, r)]):10.2f} ({median(times[(name, r)]) / step:4.2f}x)     "
+                         for r in rows_list)
+        print(f"{name:18s} {cells} {step / base:6.2f}x")
+    print("chain pass vs one-token steps (max |logit diff|, 4 random 8-token chains; 0: exact; float graphs ~1e-5):")
     for name, d in decoders.items():
-        print(f"  {name:12s} {rows_vs_steps(d, rng):.2e}")
+        print(f"  {name:18s} {rows_vs_steps(d, rng):.2e}")
     if args.profile:
         for name, path in paths.items():
             for rows in (1, 16):

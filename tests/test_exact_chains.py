@@ -1,5 +1,6 @@
-"""Exact chains on int8-activation targets: two-row attention makes a chain pass give each row, bit for bit, what
-one-token steps give it, and a target whose trees are not exact speculates with chains instead of decoding plainly."""
+"""Exact chains on int8-activation targets: with every pass two rows at least (one-row passes padded), a chain pass
+gives each row, bit for bit, what one-token steps give it, and a target whose trees are not exact speculates with
+chains instead of decoding plainly."""
 
 from __future__ import annotations
 
@@ -41,14 +42,14 @@ def chains_only_bundle(int4_bundle, tmp_path_factory) -> Path:
     return copy
 
 
-def test_int8_activation_targets_get_two_row_attention(int4_bundle):
+def test_int8_activation_targets_pad_one_row_passes(int4_bundle):
     manifest = json.loads((int4_bundle / "manifest.json").read_text())
     target, draft = manifest["target"], manifest["draft"]
-    assert target["contract"]["spare_rows"] == 1 and draft["contract"]["spare_rows"] == 0  # drafts need no exactness
+    assert target["contract"]["min_rows"] == 2 and draft["contract"]["min_rows"] == 1  # drafts need no exactness
+    assert target["contract"]["row_multiple"] == 1  # block 32: MatMulNBits computes an odd last row like the others
     graph = onnx.load(str(int4_bundle / "target.onnx"), load_external_data=False)
-    layers = target["architecture"]["num_layers"]
-    names = [n.name for n in graph.graph.node]
-    assert sum(n.endswith("/attn/spare/Slice") for n in names) == layers
+    cos = next(i for i in graph.graph.initializer if i.name == "model.rotary.cos_cache")
+    assert cos.dims[0] == target["architecture"]["max_positions"] + 1  # a padded pass at the end reaches one past
     assert target["parity"]["chains_exact"] is True and target["parity"]["chain_vs_steps"] == 0.0
 
 
@@ -57,14 +58,19 @@ def test_exact_float_compute_keeps_one_row_attention(llama_dir, tmp_path, dtype,
     out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / dtype, dtype=dtype,
                                       ngram_tokens=0, quant_accuracy=accuracy))
     parity = json.loads((out / "manifest.json").read_text())["target"]
-    assert parity["contract"]["spare_rows"] == 0
+    assert parity["contract"]["min_rows"] == 1
     assert parity["parity"]["row_consistent"] is True and parity["parity"]["chains_exact"] is True
 
 
-def test_chain_pass_rows_are_bitwise_one_token_steps(int4_bundle):
+@pytest.mark.parametrize("block", [32, 64])
+def test_chain_pass_rows_are_bitwise_one_token_steps(llama_dir, tmp_path, block):
     """Every row of chain passes of 2..6 tokens after a 30-row past == the same tokens fed one at a time, to the bit
-    (logits and the cache rows written)."""
-    session = open_target(int4_bundle)
+    (logits and the cache rows written); at block 64 MatMulNBits computes an odd last row with its one-row kernel,
+    so passes are padded to an even number of rows too."""
+    bundle = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "q", dtype="int4",
+                                         ngram_tokens=0, quant_block=block))
+    session = open_target(bundle)
+    assert session.contract.row_multiple == (2 if block > 32 else 1)
     rng = np.random.default_rng(0)
     vocab = session.contract.vocab_size
     prefix = rng.integers(0, vocab, PAST).astype(np.int64)
@@ -75,7 +81,7 @@ def test_chain_pass_rows_are_bitwise_one_token_steps(int4_bundle):
         run = chain(n)
         passed = session.forward(tokens[None], run.positions(PAST), run.attention_mask(PAST))[0]  # (n, vocab)
         session.commit()
-        cache = [v.numpy()[:, :, PAST:PAST + n].copy() for v in session._cache]
+        cache = [v.numpy()[:, :, PAST:PAST + n].copy() for v in session._cache]  # (batch, kv_heads, n, head_dim)
         session.rewind(PAST)
         stepped = np.stack([feed(session, tokens[i:i + 1]) for i in range(n)])  # (n, vocab)
         assert np.array_equal(passed, stepped), (n, float(np.abs(passed - stepped).max()))
@@ -114,3 +120,15 @@ def test_a_chains_only_target_turns_trees_into_chains(chains_only_bundle):
     pool = bench.candidates(["speculative"], sampling=False, chains_only=True)
     assert pool and all(c.tree_budget == c.tree_depth for c in pool)
     assert any(c.tree_budget > c.tree_depth for c in bench.candidates(["speculative"], sampling=False))
+
+
+def test_padded_rows():
+    from specx.graphs.contract import GraphContract
+
+    plain = GraphContract.decoder(2, 2, 16, 100, "float32")
+    paired = GraphContract.decoder(2, 2, 16, 100, "float32", min_rows=2, row_multiple=2)
+    at_least_two = GraphContract.decoder(2, 2, 16, 100, "float32", min_rows=2)
+    assert [plain.padded_rows(n) for n in (1, 2, 3)] == [1, 2, 3] and plain.spare_rows == 0
+    assert [at_least_two.padded_rows(n) for n in (1, 2, 3, 4)] == [2, 2, 3, 4] and at_least_two.spare_rows == 1
+    assert [paired.padded_rows(n) for n in (1, 2, 3, 4, 5)] == [2, 2, 4, 4, 6] and paired.spare_rows == 1
+    assert GraphContract.from_dict(paired.to_dict()) == paired

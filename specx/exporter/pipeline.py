@@ -25,9 +25,9 @@ from specx.exporter.ngram_build import DEFAULT_SAMPLE_TOKENS, build_ngram
 from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path, export_decoder
 from specx.exporter.sources import LoadedModel, load_source
 from specx.exporter.validate import validate_decoder
-from specx.graphs.contract import DRAFT_TOP_K
+from specx.graphs.contract import DRAFT_TOP_K, EXACT_MIN_ROWS, EXACT_ROW_MULTIPLE
 from specx.graphs.passes import weight_bytes
-from specx.graphs.decoder import SPARE_ROWS, uses_gqa
+from specx.graphs.decoder import uses_gqa
 from specx.graphs.precision import CUDA, PRECISIONS, Precision
 from specx.graphs.quantize import (ACCURACY_LEVEL, ACCURACY_LEVELS, BLOCK_SIZE, BLOCK_SIZES, EXACT_ACCURACY_LEVEL,
                                    INT8_COMPUTE_LEVEL, quantize_built, scheme, unquantized_path)
@@ -40,6 +40,7 @@ NO_DRAFT = "none"
 TOKENIZER_FILE = "tokenizer.json"
 NGRAM_FILE = "ngram.npz"
 MIN_OPSET = 18  # Split with num_outputs
+PAIRED_INT4_BLOCK, PAIRED_INT8_BLOCK = 32, 64  # the largest blocks MatMulNBits computes one row like a pair at
 
 Progress = Callable[[str], ContextManager[None]]
 Bars = Callable[[str, int], Any]  # (name, total) -> an object with update(n) and close()
@@ -178,11 +179,18 @@ def static_shapes(precision: Precision, adapter: ArchitectureAdapter) -> bool:
     return precision.device == CUDA and uses_gqa(adapter.spec)
 
 
-def needs_spare_row(bits: int | None, accuracy_level: int, static: bool, adapter: ArchitectureAdapter) -> bool:
-    """Two-row attention for a target whose weight-quantized matmuls compute in int8 (accuracy_level >= 1) on the
-    CPU: they amplify the ~1e-7 by which a one-row attention call differs from a multi-row one to ~1 logit, so only
-    with two rows in every call do its chain passes give what one-token steps give (exact chains)."""
-    return bool(bits) and accuracy_level >= INT8_COMPUTE_LEVEL and not static and uses_gqa(adapter.spec)
+def pads_passes(bits: int | None, accuracy_level: int, static: bool) -> bool:
+    """Padded passes for a target whose weight-quantized matmuls compute in int8 on the CPU: they amplify the ~1e-7
+    by which ONNX Runtime's one-row kernels (attention's M=1 GEMM; see ``pairs_rows``) differ from its multi-row ones
+    to ~1 logit; with every pass padded, a chain pass gives each row what one-token steps give it, bit for bit
+    (exact chains; measured at export: parity chains_exact)."""
+    return bool(bits) and accuracy_level >= INT8_COMPUTE_LEVEL and not static
+
+
+def pairs_rows(bits: int | None, block_size: int) -> bool:
+    """Whether MatMulNBits (int8 compute, ONNX Runtime 1.31's MLAS) computes rows in pairs, the odd last row with
+    its one-row kernel, which differs: measured for int4 at blocks over 32 and int8 at blocks over 64."""
+    return block_size > (PAIRED_INT4_BLOCK if bits == 4 else PAIRED_INT8_BLOCK)
 
 
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
@@ -196,11 +204,14 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     kv_dtype, bits = precision.activations, precision.bits
     built = unquantized_path(path) if bits else path
     static = static_shapes(precision, adapter)
-    spare = SPARE_ROWS if role == "target" and needs_spare_row(bits, accuracy_level, static, adapter) else 0
+    padded = role == "target" and pads_passes(bits, accuracy_level, static)
+    min_rows = EXACT_MIN_ROWS if padded else 1
+    row_multiple = EXACT_ROW_MULTIPLE if padded and pairs_rows(bits, block_size) else 1
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
                                   feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0,
-                                  static_shapes=static, spare_rows=spare)
+                                  static_shapes=static, min_rows=min_rows,
+                                  row_multiple=row_multiple)
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, precision.float_name).to_dict()
     if bits:

@@ -28,8 +28,9 @@ Decoder graph (target and draft)::
     present.{i}.key / .value
                    kv     (batch, kv_heads, capacity, head_dim)   the same buffer (bound as input and output):
                                                                   this pass's K/V written in place at [past, total)
-    ``spare_rows`` (1 on targets whose quantized matmuls compute in int8): the graph's attention also writes row
-    ``total`` (a copy of the last query, never committed), so the cache must hold total + spare_rows rows
+    ``min_rows`` (2 on targets whose quantized matmuls compute in int8) and ``row_multiple`` (2 where their kernels
+    also compute an odd last row apart): the runtime pads a pass to at least min_rows rows, a multiple of
+    row_multiple, with dummy rows (never committed); the cache and rotary tables hold ``spare_rows`` rows more
 
 Feature draft graph (one decoder layer that reads the target's features, EAGLE-style)::
 
@@ -59,6 +60,8 @@ from typing import Any, Iterable, Protocol, Sequence
 from specx.errors import ContractError
 
 CONTRACT_VERSION = 2
+EXACT_MIN_ROWS = 2  # passes of a quantized CPU target: ONNX Runtime's one-row kernels differ from multi-row ones
+EXACT_ROW_MULTIPLE = 2  # ... and where MatMulNBits computes an odd last row with its one-row kernel (blocks > 32)
 METADATA_KEY = "specx.contract"
 
 INPUT_IDS = "input_ids"
@@ -124,20 +127,21 @@ class GraphContract:
     feature_layers: tuple[int, ...] = ()  # decoder: the layers whose inputs the features output holds
     feature_width: int = 0  # width of the features output (decoder) or input (feature draft)
     hidden_size: int = 0  # feature draft: width of its hidden input and hidden_states output
-    spare_rows: int = 0  # decoder: rows past each pass its attention writes (a dummy query row; see the module doc)
+    min_rows: int = 1  # decoder: the fewest rows a pass computes exactly; shorter passes are padded (module doc)
+    row_multiple: int = 1  # decoder: passes are padded to a multiple of this many rows (module doc)
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
                 feature_layers: tuple[int, ...] = (), hidden_size: int = 0, top_k: int = 0,
-                static_shapes: bool = False, spare_rows: int = 0) -> "GraphContract":
+                static_shapes: bool = False, min_rows: int = 1, row_multiple: int = 1) -> "GraphContract":
         """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads;
         ``top_k`` (drafts) the top tokens and probabilities of each row; ``static_shapes`` a capacity-wide mask and
-        the committed length as an input (the shapes a CUDA graph can replay); ``spare_rows`` the rows past a pass
-        the graph's attention writes."""
+        the committed length as an input (the shapes a CUDA graph can replay); ``min_rows`` and ``row_multiple``
+        the rows the runtime pads a pass to (see the module doc)."""
         _check_kv_dtype(kv_dtype)
-        if spare_rows < 0 or (spare_rows and static_shapes):
-            raise ContractError(f"spare_rows must be >= 0 and needs dynamic shapes, got {spare_rows}")
+        if min_rows < 1 or row_multiple < 1:
+            raise ContractError(f"min_rows and row_multiple must be >= 1, got {min_rows} and {row_multiple}")
         if feature_layers and (hidden_size < 1 or any(not 0 <= k < num_layers for k in feature_layers)):
             raise ContractError(f"feature layers {feature_layers} must lie in [0, {num_layers}) with a hidden size")
         width = len(feature_layers) * hidden_size
@@ -148,7 +152,7 @@ class GraphContract:
             outputs.append(TensorSpec(FEATURES, "float32", ("batch", "seq", width)))
         inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
         return cls(DECODER, num_layers, num_kv_heads, head_dim, vocab_size, kv_dtype, inputs, outputs,
-                   tuple(feature_layers), width, hidden_size if feature_layers else 0, spare_rows)
+                   tuple(feature_layers), width, hidden_size if feature_layers else 0, min_rows, row_multiple)
 
     @classmethod
     def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
@@ -178,6 +182,15 @@ class GraphContract:
     def static_shapes(self) -> bool:
         """Whether the graph takes a capacity-wide mask and the committed length as ``past_length``."""
         return any(s.name == PAST_LENGTH for s in self.inputs)
+
+    @property
+    def spare_rows(self) -> int:
+        """Rows a padded pass may write past the context (cache and rotary tables hold them besides)."""
+        return max(self.min_rows, self.row_multiple) - 1
+
+    def padded_rows(self, seq: int) -> int:
+        """The rows a pass of ``seq`` runs with: at least ``min_rows``, a multiple of ``row_multiple``."""
+        return max(self.min_rows, -(-seq // self.row_multiple) * self.row_multiple)
 
     @property
     def top_k(self) -> int:
@@ -222,7 +235,8 @@ class GraphContract:
             "feature_layers": list(self.feature_layers),
             "feature_width": self.feature_width,
             "hidden_size": self.hidden_size,
-            "spare_rows": self.spare_rows,
+            "min_rows": self.min_rows,
+            "row_multiple": self.row_multiple,
         }
 
     @classmethod
@@ -246,7 +260,8 @@ class GraphContract:
                 feature_layers=tuple(int(k) for k in d.get("feature_layers") or ()),
                 feature_width=int(d.get("feature_width") or 0),
                 hidden_size=int(d.get("hidden_size") or 0),
-                spare_rows=int(d.get("spare_rows") or 0),
+                min_rows=int(d.get("min_rows") or 1),
+                row_multiple=int(d.get("row_multiple") or 1),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"malformed graph contract ({exc!r}); re-export the bundle") from exc

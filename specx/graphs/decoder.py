@@ -11,14 +11,12 @@ One graph per model, the contract of ``specx.graphs.contract`` (static KV: past 
     SkipNorm(h, residual) -> MatMul(lm_head) [-> Div, Tanh, Mul: final softcap] -> logits -ArgMax-> next_tokens
     Concat(inputs of the contract's feature layers) -> features           (targets of a feature draft only)
 
-Two-row attention (``contract.spare_rows``, quantized CPU targets): every GroupQueryAttention call gets one more
-query row, a copy of the pass's last (Pad, edge), whose output is dropped (Slice) and whose K/V lands in the spare
-cache row past the pass. ONNX Runtime's CPU attention computes a one-row call with other kernels (MLAS's M=1 GEMM)
-than a multi-row call: ~1e-7 apart, which int8-activation matmuls downstream amplify to ~1 logit. With two rows at
-least, a chain pass gives each row bit for bit what one-token steps give it::
-
-    bias -Pad(1 row, 1 column of 0)-> (batch, 1, seq + 1, total + 1); seqlens_k = total; total_length = total + 1
-    position_ids -Pad(edge)-> (batch, seq + 1);   q/k/v -Pad(edge)-> GQA -> Slice(rows [0, seq)) -> o_proj
+Padded passes (``contract.min_rows`` 2 and, at MatMulNBits blocks over 32, ``row_multiple`` 2: quantized CPU
+targets): the runtime pads a pass with dummy rows (tree.pad_rows), because ONNX Runtime's CPU kernels compute a
+one-row call otherwise than a multi-row one (MLAS's M=1 GEMM inside GroupQueryAttention) and MatMulNBits computes
+the odd last row of a call with its one-row kernel at blocks over 32: ~1e-7 apart, which int8-activation matmuls
+amplify to ~1 logit. The graph only carries rotary tables ``contract.spare_rows`` longer (a padded pass at the end of
+the context reaches past it).
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
 that feed a residual (o_proj, down_proj) ride in the following SkipNorm's bias input.
@@ -30,7 +28,7 @@ sliding window and rotary table) and ``DecoderWeights`` (the arrays). Each featu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -48,7 +46,6 @@ ROTARY_IN_ATTENTION_MULTIPLE = 16  # GroupQueryAttention's do_rotary needs head_
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention refuses other head sizes; those take ONNX's Attention op instead
 ONNX_ATTENTION_OPSET = 24  # Attention (opset 23) with TensorScatter (24) writing the static cache in place
 KV_AXIS = 2  # (batch, kv_heads, capacity, head_dim)
-SPARE_ROWS = 1  # two-row attention: one dummy query row keeps every attention call off the one-row kernels
 GLOBAL_ROPE, LOCAL_ROPE = "global", "local"  # the rotary tables a layer may read
 
 NormKind = Literal["rms", "layer"]
@@ -139,8 +136,6 @@ class _Attention:
     window_bias: dict[int, str]  # window -> the bias with the sliding window applied too
     past_length: str = ""  # (batch,) int64: rows already committed (the ONNX Attention path writes there)
     rows_past: str = ""  # (1,) int64: the same, as Slice's end (the ONNX Attention path)
-    spare_row: bool = False  # two-row attention: q/k/v get one more row (a copy of the last), its output dropped
-    position_ids: str = POSITION_IDS  # (batch, seq [+ 1 spare]) the positions GroupQueryAttention rotates by
 
     def bias_for(self, kind: LayerKind) -> str:
         return self.bias if kind.window is None else self.window_bias[kind.window]
@@ -161,17 +156,13 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     """The decoder graph. ``head="own"`` gives a tied model its own transposed lm_head copy (quantizable)."""
     float_dtype = "float16" if contract.kv_dtype == "float16" else "float32"
     b = GraphBuilder("specx_decoder", float_dtype)
-    if (contract.static_shapes or contract.spare_rows) and not uses_gqa(arch):
-        raise ValueError(f"static-shape graphs and two-row attention need GroupQueryAttention (head_dim "
-                         f"{arch.head_dim} is not a multiple of {GQA_HEAD_MULTIPLE})")
-    if contract.spare_rows not in (0, SPARE_ROWS):
-        raise ValueError(f"spare_rows must be 0 or {SPARE_ROWS}, got {contract.spare_rows}")
     if contract.static_shapes:
+        if not uses_gqa(arch):
+            raise ValueError(f"static-shape graphs need GroupQueryAttention (head_dim {arch.head_dim} is not a "
+                             f"multiple of {GQA_HEAD_MULTIPLE})")
         attention = _static_attention_inputs(b, float_dtype, family.windows)
     else:
         attention = _attention_inputs(b, float_dtype, family.windows, committed_length=not uses_gqa(arch))
-        if contract.spare_rows:
-            attention = _spare_row_inputs(b, attention)
     h = _embeddings(b, arch, family, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
@@ -256,34 +247,6 @@ def _mask_bias(b: GraphBuilder, float_dtype: str) -> tuple[str, str, str, str, s
                   "/model/attn_mask/total/Gather")  # () int64
     width32 = b.op1("Cast", [width], "/model/attn_mask/total/Cast", to=TensorProto.INT32)
     return zero, blocked, bias, width, width32
-
-
-def _spare_row_inputs(b: GraphBuilder, attention: _Attention) -> _Attention:
-    """Two-row attention's graph-level inputs: each bias one row and one column wider (0: the dummy row attends
-    everywhere; no real row reaches the new column, GroupQueryAttention stops each row at past + its index + 1),
-    seqlens_k and total one longer, the positions one longer (the dummy takes the last row's)."""
-    p = "/model/attn_mask/spare"
-    pads = b.constant("/model/constants/spare_bias_pads", np.array([0, 0, 0, 0, 0, 0, SPARE_ROWS, SPARE_ROWS],
-                                                                   np.int64))
-
-    def wider(bias: str, name: str) -> str:  # (batch, 1, seq, total) -> (batch, 1, seq + 1, total + 1)
-        return b.op1("Pad", [bias, pads], f"{p}/{name}/Pad", mode="constant")
-
-    one = b.constant("/model/constants/spare_rows_i32", np.array(SPARE_ROWS, np.int32))
-    seqlens = b.op1("Add", [attention.seqlens_k, one], f"{p}/seqlens_k/Add")  # (batch,) int32: total
-    total = b.op1("Add", [attention.total_length, one], f"{p}/total/Add")  # () int32: total + 1
-    positions = b.op1("Pad", [POSITION_IDS, b.constant("/model/constants/spare_row_pads",
-                                                       np.array([0, 0, 0, SPARE_ROWS], np.int64))],
-                      f"{p}/position_ids/Pad", mode="edge")  # (batch, seq + 1)
-    windows = {w: wider(bias, f"window_{w}") for w, bias in attention.window_bias.items()}
-    return replace(attention, bias=wider(attention.bias, "bias"), seqlens_k=seqlens, total_length=total,
-                   window_bias=windows, spare_row=True, position_ids=positions)
-
-
-def _spare_row(b: GraphBuilder, prefix: str, x: str) -> str:
-    """(batch, seq, width) -Pad(edge)-> (batch, seq + 1, width): the last row once more."""
-    pads = b.constant(f"{prefix}/spare_pads", np.array([0, 0, 0, 0, SPARE_ROWS, 0], np.int64))
-    return b.op1("Pad", [x, pads], f"{prefix}/Pad", mode="edge")
 
 
 def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...]) -> _Attention:
@@ -434,8 +397,8 @@ RopeTables = dict[str, tuple[np.ndarray, np.ndarray]]
 
 def _rope_tables(weights: DecoderWeights, spare_rows: int = 0) -> RopeTables:
     """The rotary tables by name; ``spare_rows`` more rows (copies of the last): GroupQueryAttention wants a table
-    as long as its total length, which two-row attention makes one longer than the context at its end (the spare
-    row reads the last real position, so no other row reads the copies)."""
+    as long as its total length, which a padded pass (``contract.min_rows``) makes longer than the context at its
+    end (dummy rows take the root's position, so no row reads the copies)."""
     tables = {}
     if weights.rope_cos is not None:
         tables[GLOBAL_ROPE] = (weights.rope_cos, weights.rope_sin)
@@ -483,21 +446,13 @@ def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, family: DecoderF
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
     if uses_gqa(arch):
         cos, sin = rope if fused_rotary and rope is not None else ("", "")
-        if attention.spare_row:  # (batch, seq + 1, width) each
-            q, k, v = (_spare_row(b, f"{prefix}/attn/spare_{name}", t) if t else t
-                       for name, t in (("q", q), ("k", k), ("v", v)))
         out, present_k, present_v = b.op(
             "GroupQueryAttention",
             [q, k, v, past_k, past_v, attention.seqlens_k, attention.total_length, cos, sin,
-             attention.position_ids if fused_rotary else "", bias],
+             POSITION_IDS if fused_rotary else "", bias],
             f"{prefix}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, num_heads=arch.num_heads,
             kv_num_heads=arch.num_kv_heads, scale=scale, softcap=float(family.attn_softcap),
             do_rotary=int(fused_rotary), rotary_interleaved=0)
-        if attention.spare_row:  # the dummy row's output dropped: (batch, seq, heads * head_dim)
-            out = b.op1("Slice", [out, _shared_const(b, "/model/constants/zero_1d", np.array([0], np.int64)),
-                                  _shared_const(b, "/model/constants/minus_spare", np.array([-SPARE_ROWS], np.int64)),
-                                  _shared_const(b, "/model/constants/axes_seq", np.array([1], np.int64))],
-                        f"{prefix}/attn/spare/Slice")
     else:
         out, present_k, present_v = _onnx_attention(b, prefix, arch, family, attention, q, k, v, past_k, past_v,
                                                     bias, scale)

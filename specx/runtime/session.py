@@ -31,6 +31,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from specx.errors import BundleError, CapacityError, ContractError, InvalidArgumentError, ProviderError
 from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, NEXT_TOKENS, PAST_LENGTH,
                                    POSITION_IDS, TOP_PROBS, TOP_TOKENS, TREE_MASK, GraphContract)
+from specx.runtime.tree import pad_rows
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -223,7 +224,7 @@ class DecoderSession:
             raise InvalidArgumentError("reserve() a larger cache only on an empty cache (call reset() first)")
         # at least double: a growing conversation (reuse of earlier turns) reallocates, and so recomputes, rarely
         capacity = max(-(-rows // CACHE_BLOCK) * CACHE_BLOCK, 2 * self.capacity)
-        # + the rows a two-row-attention graph writes past a pass (contract.spare_rows): never committed
+        # + the rows a padded pass's dummies write past the context (contract.spare_rows): never committed
         shape = (self.batch, self.contract.num_kv_heads, capacity + self.contract.spare_rows, self.contract.head_dim)
         self._cache = [
             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_type), self.placement.device, 0)
@@ -286,6 +287,13 @@ class DecoderSession:
         if total > self.capacity:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
+        rows = self.contract.padded_rows(seq)
+        if rows != seq and not self._extra_inputs:  # a target exact only on padded passes (contract.min_rows)
+            padded = pad_rows(input_ids, position_ids, tree_mask, rows)
+            buffers = self._run(*padded, extra, wanted)
+            self._pending_len, self._pending_ids = seq, self._pending_ids[:seq]  # the dummies are never committed
+            self.outputs = {name: host[:, :seq] for name, host in self.outputs.items()}
+            return {name: (host[:, :seq], value) for name, (host, value) in buffers.items()}  # (batch, seq, ...)
         if seq in self.fixed_buckets and not self._extra_inputs:
             return self._run_fixed(input_ids, position_ids, tree_mask, wanted)
         io = self._bindings[wanted]

@@ -94,19 +94,27 @@ def bucket_size(n: int, buckets: tuple[int, ...], room: int) -> int:
 
 def padded_pass(tree: Tree, tokens: np.ndarray, past_len: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A pass's (input_ids (1, size), position_ids (1, size), tree_mask (1, 1, size, past_len + size)) for ``tree``
-    padded with ``size - n`` dummy rows after its own. A dummy row repeats the root's token and position and sees
-    the cache and itself only; no real row sees it, so the real rows' outputs and KV are exactly the unpadded
-    pass's, and the dummies' rows (never committed) are overwritten like any rejected node's."""
-    n = tree.size
-    if size < n:
-        raise InvalidArgumentError(f"cannot pad a tree of {n} nodes to {size}")
-    ids = np.full((1, size), tokens[0], dtype=np.int64)
-    ids[0, :n] = tokens
-    positions = np.full((1, size), past_len, dtype=np.int64)
-    positions[0, :n] = tree.positions(past_len)[0]
-    mask = np.zeros((1, 1, size, past_len + size), dtype=bool)
-    mask[0, 0, :, :past_len] = True
-    mask[0, 0, :n, past_len:past_len + n] = tree.mask
+    padded with ``size - n`` dummy rows after its own (``pad_rows``)."""
+    if size < tree.size:
+        raise InvalidArgumentError(f"cannot pad a tree of {tree.size} nodes to {size}")
+    return pad_rows(tokens[None], tree.positions(past_len), tree.attention_mask(past_len), size)
+
+
+def pad_rows(input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+             size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pass (input_ids, position_ids (batch, n); tree_mask (batch, 1, n, past + n)) padded with ``size - n`` dummy
+    rows after its own. A dummy row repeats the first row's token and position and sees the cache and itself only;
+    no real row sees it, so the real rows' outputs and KV are exactly the unpadded pass's, and the dummies' rows
+    (never committed) are overwritten like any rejected node's."""
+    batch, n = input_ids.shape
+    past = tree_mask.shape[3] - n
+    ids = np.repeat(input_ids[:, :1], size, axis=1)  # (batch, size)
+    ids[:, :n] = input_ids
+    positions = np.repeat(position_ids[:, :1], size, axis=1)
+    positions[:, :n] = position_ids
+    mask = np.zeros((batch, 1, size, past + size), dtype=bool)  # (batch, 1, size, past + size)
+    mask[:, :, :, :past] = True
+    mask[:, :, :n, :past + n] = tree_mask
     pads = np.arange(n, size)
-    mask[0, 0, pads, past_len + pads] = True
+    mask[:, :, pads, past + pads] = True
     return ids, positions, mask
