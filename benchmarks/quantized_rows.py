@@ -6,8 +6,8 @@
 
 SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.sh). Variants:
     int{4,8}-b{32,64,128,256}[-l{0,4}][-chains]
-                                         MatMulNBits, block size, accuracy level (default 4); -chains: two-row
-                                         attention (what export builds for accuracy 4: exact chains)
+                                         MatMulNBits, block size, accuracy level (default 4); -chains: passes
+                                         padded as export pads them at accuracy 4 (exact chains)
     q8row, q7row                         int8 (7-bit for q7row) weights (per column) x int8 activations quantized per
                                          row in the graph
                                          (ReduceMax -> Div, Round, +128, Cast uint8 -> MatMulIntegerToFloat -> Mul):
@@ -48,23 +48,31 @@ INT8_MAX = 127.0
 INT7_MAX = 63.0  # q7row: weights in [-63, 63]
 
 
-def build_float_graphs(source: str, work: Path, spare: bool) -> dict[bool, tuple[Path, dict]]:
-    """The fp32 target graph with its own lm_head (quantizable), built once; with ``spare`` also its two-row
-    attention twin. Keyed by spare rows or not."""
+def build_float_graph(source: str, work: Path) -> tuple[Path, dict]:
+    """The fp32 target graph with its own lm_head (quantizable), built once, its rotary tables one row longer (what
+    padded passes need; the -chains variants)."""
     from specx.exporter.adapters import adapter_for
     from specx.exporter.onnx_export import export_decoder
     from specx.exporter.sources import load_source
-    from specx.graphs.decoder import SPARE_ROWS
+    from specx.graphs.contract import EXACT_MIN_ROWS
 
     loaded = load_source(source, "fp32")
     adapter = adapter_for(loaded.model.config)
-    graphs = {}
-    for with_spare in (False, True) if spare else (False,):
-        path = work / ("fp32-chains.onnx" if with_spare else "fp32.onnx")
-        contract = export_decoder(adapter, loaded.model, path, "float32", head="own",
-                                  spare_rows=SPARE_ROWS if with_spare else 0)
-        graphs[with_spare] = (path, contract.to_dict())
-    return graphs
+    path = work / "fp32.onnx"
+    contract = export_decoder(adapter, loaded.model, path, "float32", head="own", min_rows=EXACT_MIN_ROWS)
+    return path, contract.to_dict()
+
+
+def variant_contract(name: str, contract: dict) -> dict:
+    """The contract a variant runs with: -chains pads passes as export does for its bits and block; others not."""
+    from specx.exporter.pipeline import pairs_rows
+    from specx.graphs.contract import EXACT_MIN_ROWS, EXACT_ROW_MULTIPLE
+
+    if not name.endswith("-chains"):
+        return {**contract, "min_rows": 1, "row_multiple": 1}
+    parts = name.split("-")
+    paired = pairs_rows(int(parts[0][3:]), int(parts[1][1:]))
+    return {**contract, "min_rows": EXACT_MIN_ROWS, "row_multiple": EXACT_ROW_MULTIPLE if paired else 1}
 
 
 def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int) -> None:
@@ -219,11 +227,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")
     rows_list = tuple(int(r) for r in args.rows.split(","))
-    graphs = build_float_graphs(args.source, work, any(n.endswith("-chains") for n in names))
-    built = {name: graphs[name.endswith("-chains")] for name in names}  # name -> (fp32 graph, contract)
-    contract = graphs[False][1]
-    paths = {name: make_variant(name, built[name][0], work) for name in names}
-    decoders = {name: decoder(path, *built[name], args.threads) for name, path in paths.items()}
+    fp32, contract = build_float_graph(args.source, work)
+    paths = {name: make_variant(name, fp32, work) for name in names}
+    decoders = {name: decoder(path, fp32, variant_contract(name, contract), args.threads)
+                for name, path in paths.items()}
     rng = np.random.default_rng(0)
     passes = {rows: chain(rows) for rows in rows_list}
     times = collections.defaultdict(list)
