@@ -52,7 +52,7 @@ def export(
         typer.echo(str(path))
 
 
-@app.command("train-draft")
+@app.command("train-draft")  # also `python -m specx.drafttrain` (torchrun, accelerate launch)
 def train_draft_command(
     model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME."),
     tokens: int = typer.Option(700_000, help="Tokens of training text the target writes itself (SmolLM2-135M on a "
@@ -69,8 +69,21 @@ def train_draft_command(
     draft_dtype: str = typer.Option("int8", help="Draft graph weights: int8 or int4 weight-only quantized "
                                                  "(MatMulNBits, as --dtype int8|int4 of export), or fp32. int8 "
                                                  "measured half the draft's cost of fp32 at the same tau."),
-    cache: bool = typer.Option(True, help="Keep the training data under $SPECX_HOME/train-data, so that training "
-                                          "again (other --epochs or --draft-vocab) skips writing it."),
+    cache: bool = typer.Option(True, help="Keep the work directory after success, so that training again (other "
+                                          "--epochs, --draft-vocab or a smaller --tokens) skips writing the data."),
+    work_dir: Optional[Path] = typer.Option(None, help="Where the phases keep their shards, manifests and "
+                                                      "checkpoints. Default: $SPECX_HOME/train-work/NAME-DIGEST."),
+    resume: bool = typer.Option(True, help="Continue what an earlier run left in the work directory (a phase whose "
+                                           "output is complete is skipped); --no-resume starts over."),
+    batch: int = typer.Option(8, help="Texts per optimizer step, over all processes of a job."),
+    shard_tokens: int = typer.Option(32768, help="Tokens per data shard: the unit a killed run resumes from and "
+                                                 "processes of a job share out."),
+    checkpoint_minutes: float = typer.Option(10.0, help="Save the training state this often (minutes)."),
+    checkpoint_steps: int = typer.Option(0, help="Also save it every this many steps (0: by time alone)."),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16: the target copy that writes and labels the text, "
+                                               "and the draft's autocast (auto: bf16 where it measures faster)."),
+    collective_timeout: float = typer.Option(1800.0, help="Under torchrun: seconds a process waits for the others "
+                                                          "before the job fails."),
 ) -> None:
     """Train a feature draft for the bundle's target (self-distillation, offline) and put it in the bundle."""
     with user_errors():
@@ -86,7 +99,11 @@ def train_draft_command(
         progress = terminal_progress()
         request = TrainDraftRequest(resolve_bundle_dir(model), tokens, tuple(corpus or ()), draft_vocab, device, seed,
                                     epochs, cache_data=cache, draft_bits=DRAFT_BITS[draft_dtype],
-                                    draft_layers=draft_layers, hard_label=hard_label)
+                                    draft_layers=draft_layers, hard_label=hard_label, work_dir=work_dir,
+                                    resume=resume, batch=batch, shard_tokens=shard_tokens,
+                                    checkpoint_minutes=checkpoint_minutes, checkpoint_steps=checkpoint_steps,
+                                    precision=precision, collective_timeout=collective_timeout)
         result = train_draft(request, progress.phase, progress.bar)
-        typer.echo(f"{result.bundle}: {training_summary(result.training)}; "
-                   f"{result.training['total_seconds'] / 60:.1f} minutes")
+        if result.training:  # the process that wrote the bundle (the main one of a torchrun job)
+            minutes = result.training.get("total_seconds", 0) / 60
+            typer.echo(f"{result.bundle}: {training_summary(result.training)}; {minutes:.1f} minutes")

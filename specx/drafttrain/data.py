@@ -10,7 +10,10 @@ what the draft learns from.
       free      unconditional samples (from the BOS token, or an empty chat turn)
       random    a few random tokens, then a sample
       corpus    the user's files (--corpus), cut into windows
-    teacher-forced pass over every text (batched, right-padded)
+    in shards (a generation batch each) that each start from generators seeded by (seed, shard): the same texts
+    whichever process writes a shard, and whenever; a round of shards per kind, then top-up rounds until every
+    kind has its share of the budget
+    teacher-forced pass over every text (batched, right-padded), in shards of whole texts
       features  (tokens, feature_width) float16   the inputs of the feature layers, per position
       top_ids   (tokens, TOP_K) int32             the target's most likely next tokens at each position
       top_probs (tokens, TOP_K) float16           and their probabilities (temperature 1)
@@ -18,6 +21,7 @@ what the draft learns from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +36,11 @@ REQUEST_TOKENS = 40  # a self-written user request
 GENERATION_BATCH = 128  # measured on 2 cores, bf16: 835 tokens/s at 128, 595 at 64, 407 at 32 (fp32: 252 at 32)
 FORWARD_BATCH = 8
 RANDOM_PROMPT_TOKENS = 4
+DEFAULT_SHARD_TOKENS = GENERATION_BATCH * MAX_TEXT_TOKENS  # per shard: the unit of resumption and of the work split
+MAX_ROUNDS = 6  # rounds of text shards at most (texts come out about as long as planned: one top-up is the rule)
+TEXTS_BAR = "target writing its training text (tokens)"
+LABELS_BAR = "target pass over the text: features and distributions (tokens)"
+TEXT_STREAM, ORDER_STREAM = 1, 2  # generators under the seed: (seed, TEXT_STREAM, shard), (seed, ORDER_STREAM)
 SAMPLING_TEMPERATURE = 0.8
 # Topics the target writes requests about: broad, and not the benchmark prompts (which it never sees).
 TOPICS = (
@@ -64,30 +73,76 @@ def no_progress(_: str, __: int) -> ProgressBar:
     return ProgressBar()
 
 
+class ShardedRows:
+    """The rows of one array kept in several shards (memory-mapped .npy files), read as one (rows, ...) array: a
+    slice of rows is a view when it lies in one shard (a text's rows always do), else a copy; ``window`` narrows
+    it without reading anything."""
+
+    def __init__(self, parts: Sequence[np.ndarray], start: int = 0, stop: int | None = None,
+                 bounds: np.ndarray | None = None):
+        self.parts = list(parts)
+        self.bounds = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]) if bounds is None else bounds
+        self.start, self.stop = start, int(self.bounds[-1]) if stop is None else stop
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def window(self, start: int, stop: int) -> "ShardedRows":
+        return ShardedRows(self.parts, self.start + start, self.start + stop, self.bounds)
+
+    def __getitem__(self, key) -> np.ndarray:  # noqa: ANN001  (rows[, columns...])
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("sharded rows are read by contiguous slices")
+        lo, hi, _ = rows.indices(len(self))
+        lo, hi = self.start + lo, self.start + max(lo, hi)
+        first = min(max(0, int(np.searchsorted(self.bounds, lo, side="right")) - 1), len(self.parts) - 1)
+        pieces = []
+        for i in range(first, len(self.parts)):
+            if self.bounds[i] >= hi and pieces:
+                break
+            a = max(lo, self.bounds[i]) - self.bounds[i]
+            b = max(a, min(hi, self.bounds[i + 1]) - self.bounds[i])
+            pieces.append(self.parts[i][a:b][(slice(None), *rest)])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+Rows = np.ndarray | ShardedRows
+
+
 @dataclass
 class DistillationSet:
     tokens: list[np.ndarray]  # per text: (length,) int64
-    features: np.ndarray  # (total, feature_width) float16, texts back to back
-    top_ids: np.ndarray  # (total, TOP_K) int32
-    top_probs: np.ndarray  # (total, TOP_K) float16
+    features: Rows  # (total, feature_width) float16, texts back to back
+    top_ids: Rows  # (total, TOP_K) int32
+    top_probs: Rows  # (total, TOP_K) float16
     offsets: np.ndarray  # (texts + 1,) where each text starts in the flat arrays
 
-    def save(self, path: Path) -> None:
-        """One .npz (plain arrays, no pickle), written beside and renamed into place."""
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a shard file holds (plain arrays, no pickle): tokens flat, their lengths, the labels."""
         lengths = np.asarray([t.size for t in self.tokens], np.int64)
         flat = np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.int64)
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, tokens=flat, lengths=lengths, features=self.features, top_ids=self.top_ids,
-                 top_probs=self.top_probs, offsets=self.offsets)
-        partial.replace(path)
+        return {"tokens": flat, "lengths": lengths, "features": self.features[:], "top_ids": self.top_ids[:],
+                "top_probs": self.top_probs[:]}
 
     @classmethod
-    def load(cls, path: Path) -> "DistillationSet":
-        with np.load(path, allow_pickle=False) as z:
-            flat, lengths = z["tokens"], z["lengths"]
-            starts = np.concatenate([[0], np.cumsum(lengths)])
-            tokens = [flat[starts[i]:starts[i + 1]] for i in range(lengths.size)]
-            return cls(tokens, z["features"], z["top_ids"], z["top_probs"], z["offsets"])
+    def from_shards(cls, shards: Sequence[dict[str, np.ndarray]]) -> "DistillationSet":
+        """One set over shards written by ``arrays`` (memory-mapped or not), in order; nothing is copied."""
+        tokens: list[np.ndarray] = []
+        for shard in shards:
+            starts = np.concatenate([[0], np.cumsum(shard["lengths"])])
+            tokens += [shard["tokens"][starts[i]:starts[i + 1]] for i in range(shard["lengths"].size)]
+        offsets = np.concatenate([[0], np.cumsum([t.size for t in tokens])]).astype(np.int64)
+        return cls(tokens, *(ShardedRows([s[name] for s in shards]) for name in ("features", "top_ids", "top_probs")),
+                   offsets)
 
     @property
     def num_tokens(self) -> int:
@@ -106,54 +161,113 @@ class DistillationSet:
 
     def _subset(self, texts: range) -> "DistillationSet":
         start, end = int(self.offsets[texts.start]), int(self.offsets[texts.stop])
-        return DistillationSet([self.tokens[i] for i in texts], self.features[start:end], self.top_ids[start:end],
-                               self.top_probs[start:end], self.offsets[texts.start: texts.stop + 1] - start)
+        return DistillationSet([self.tokens[i] for i in texts], _rows(self.features, start, end),
+                               _rows(self.top_ids, start, end), _rows(self.top_probs, start, end),
+                               self.offsets[texts.start: texts.stop + 1] - start)
+
+
+def _rows(rows: Rows, start: int, end: int) -> Rows:
+    return rows.window(start, end) if isinstance(rows, ShardedRows) else rows[start:end]
 
 
 # -- writing the texts ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextShard:
+    """One generation batch: ``count`` texts of one kind, greedy or sampled."""
+
+    index: int
+    kind: str
+    count: int
+    greedy: bool
+
+
+def text_shares(tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+    """Each kind's share of the token budget."""
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        return {"chat": 0.4, "opening": 0.3, "free": 0.15, "random": 0.15}
+    return {"free": 0.5, "random": 0.5}
+
+
+def text_length(model: PreTrainedModel) -> int:
+    """Tokens a written text has (prompt and continuation): MAX_TEXT_TOKENS, or the model's context if shorter."""
+    context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
+                  or MAX_TEXT_TOKENS)
+    return min(MAX_TEXT_TOKENS, context)
+
+
+def next_round(budget: int, shares: dict[str, float], written: Sequence[tuple[TextShard, int]], length: int,
+               shard_tokens: int = DEFAULT_SHARD_TOKENS) -> list[TextShard]:
+    """The next round of shards: for each kind short of its share of ``budget``, enough texts to cover the rest at
+    the length its texts came out so far (``length`` before any); [] once every kind has its share. ``written``:
+    (shard, tokens it holds) for every shard of the earlier rounds. A plan that depends on the shards' content alone:
+    the same whichever processes write them."""
+    per_shard = max(1, min(GENERATION_BATCH, shard_tokens // length))
+    shards: list[TextShard] = []
+    index = len(written)
+    for kind, share in shares.items():
+        done = [(shard, tokens) for shard, tokens in written if shard.kind == kind]
+        tokens, texts = sum(t for _, t in done), sum(shard.count for shard, _ in done)
+        short = int(budget * share) - tokens
+        if short <= 0:
+            continue
+        need = math.ceil(short / (tokens / texts if tokens else length))
+        for start in range(0, need, per_shard):
+            greedy = kind != "free" and index % 2 == 1  # free samples share one prompt: always sampled
+            shards.append(TextShard(index, kind, min(per_shard, need - start), greedy))
+            index += 1
+    return shards
+
+
+def write_text_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, shard: TextShard,
+                     seed: int) -> list[np.ndarray]:
+    """The shard's texts, from generators seeded by (seed, shard index) alone."""
+    sequence = np.random.SeedSequence([seed, TEXT_STREAM, shard.index])
+    torch.manual_seed(int(sequence.generate_state(1, np.uint64)[0]))  # the sampler draws from torch's generator
+    prompts = _prompts(shard.kind, model, tokenizer, np.random.default_rng(sequence), shard.count)
+    return _continue(model, tokenizer, prompts, MAX_TEXT_TOKENS, shard.greedy)
+
+
 def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: int, rng: np.random.Generator,
                    progress: Progress = no_progress) -> list[np.ndarray]:
-    """Texts the target writes itself, about ``tokens`` tokens in all: chat (where a template exists), free and
-    random-prompt samples; half greedy, half sampled."""
-    has_chat = isinstance(getattr(tokenizer, "chat_template", None), str)
-    shares = ({"chat": 0.4, "opening": 0.3, "free": 0.15, "random": 0.15} if has_chat
-              else {"free": 0.5, "random": 0.5})
-    bar = progress("target writing its training text (tokens)", tokens)
+    """Texts the target writes itself, about ``tokens`` tokens in all (at least that many, within MAX_ROUNDS):
+    chat (where a template exists), free and random-prompt samples; half greedy, half sampled. In memory, all
+    shards in one go (train-draft writes them to its work directory one by one: specx.drafttrain.phases)."""
+    seed = int(rng.integers(2 ** 31))
+    shares, length = text_shares(tokenizer), text_length(model)
+    bar = progress(TEXTS_BAR, tokens)
     texts: list[np.ndarray] = []
-    batches = 0
+    written: list[tuple[TextShard, int]] = []
     try:
-        for kind, share in shares.items():
-            budget, written = int(tokens * share), 0
-            while written < budget:
-                count = min(GENERATION_BATCH, -(-(budget - written) // (MAX_TEXT_TOKENS // 2)))  # ~the budget
-                prompts = _prompts(kind, model, tokenizer, rng)[:count]
-                batches += 1
-                greedy = kind != "free" and batches % 2 == 0  # free samples share one prompt: always sampled
-                for text in _continue(model, tokenizer, prompts, MAX_TEXT_TOKENS, greedy):
-                    texts.append(text)
-                    written += text.size
-                    bar.update(int(text.size))
+        for _ in range(MAX_ROUNDS):
+            shards = next_round(tokens, shares, written, length)
+            for shard in shards:
+                batch = write_text_shard(model, tokenizer, shard, seed)
+                texts += batch
+                written.append((shard, sum(t.size for t in batch)))
+                bar.update(written[-1][1])
+            if not shards:
+                break
     finally:
         bar.close()
     return texts
 
 
-def _prompts(kind: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             rng: np.random.Generator) -> list[list[int]]:
+def _prompts(kind: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rng: np.random.Generator,
+             count: int) -> list[list[int]]:
     start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     if kind in ("chat", "opening"):
         asks = [_chat_ids(tokenizer, REQUEST_STYLES[rng.integers(len(REQUEST_STYLES))].format(
-            topic=TOPICS[rng.integers(len(TOPICS))])) for _ in range(GENERATION_BATCH)]
+            topic=TOPICS[rng.integers(len(TOPICS))])) for _ in range(count)]
         requests = _continue(model, tokenizer, asks, REQUEST_TOKENS, greedy=False, new_only=True)
         texts = [tokenizer.decode(r, skip_special_tokens=True).strip().split("\n")[0] or "Hello!" for r in requests]
         if kind == "chat":
             return [_chat_ids(tokenizer, t) for t in texts]
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # as the runtime encodes
     if kind == "free":
-        return [start or [int(rng.integers(tokenizer.vocab_size))] for _ in range(GENERATION_BATCH)]
+        return [start or [int(rng.integers(tokenizer.vocab_size))] for _ in range(count)]
     specials = set(tokenizer.all_special_ids)
     ordinary = [t for t in range(min(tokenizer.vocab_size, len(tokenizer))) if t not in specials]
-    return [start + [int(t) for t in rng.choice(ordinary, RANDOM_PROMPT_TOKENS)] for _ in range(GENERATION_BATCH)]
+    return [start + [int(t) for t in rng.choice(ordinary, RANDOM_PROMPT_TOKENS)] for _ in range(count)]
 
 
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -225,9 +339,9 @@ def corpus_texts(tokenizer: PreTrainedTokenizerBase, files: Sequence[Path]) -> l
 
 # -- the teacher-forced pass ----------------------------------------------------------------------------------
 def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers: Sequence[int],
-            progress: Progress = no_progress) -> DistillationSet:
+            progress: Progress = no_progress, bar: ProgressBar | None = None) -> DistillationSet:
     """One batched forward pass over every text: the feature layers' inputs and the top-K next-token
-    probabilities at every position."""
+    probabilities at every position. ``bar``: report to this one (a shard of a larger pass) instead of a new one."""
     texts = [t for t in texts if t.size > 1]
     offsets = np.concatenate([[0], np.cumsum([t.size for t in texts])]).astype(np.int64)
     total = int(offsets[-1])
@@ -235,7 +349,8 @@ def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers:
     features = np.empty((total, len(feature_layers) * hidden), np.float16)
     top_ids = np.empty((total, TOP_K), np.int32)
     top_probs = np.empty((total, TOP_K), np.float16)
-    bar = progress("target pass over the text: features and distributions (tokens)", total)
+    own = bar is None
+    bar = progress(LABELS_BAR, total) if own else bar
     order = np.argsort([t.size for t in texts])  # similar lengths together: little padding
     try:
         for start in range(0, len(texts), FORWARD_BATCH):
@@ -259,7 +374,8 @@ def distill(model: PreTrainedModel, texts: Sequence[np.ndarray], feature_layers:
                 top_probs[at:at + n] = probs[row, :n].numpy()
                 bar.update(n)
     finally:
-        bar.close()
+        if own:
+            bar.close()
     return DistillationSet(list(texts), features, top_ids, top_probs, offsets)
 
 

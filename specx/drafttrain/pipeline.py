@@ -1,36 +1,43 @@
 """`specx train-draft BUNDLE`: give a bundle's target a trained feature draft, offline.
 
     load the target from the manifest's source (hub id, directory, GGUF)
-    -> the target writes its training text (+ --corpus files) -> one teacher-forced pass: features, distributions
-    -> draft vocabulary (the K tokens the target uses most) -> train (unrolled, soft cross-entropy)
-    -> held-out agreement -> graphs: the target again, now with its features output; the draft; parity with torch
-    -> a short greedy decode through the runtime for tau -> manifest -> the bundle replaced in one rename
+    -> texts: the target writes its training text (+ --corpus files)
+    -> labels: one teacher-forced pass: features, distributions
+    -> training: draft vocabulary (the K tokens the target uses most), unrolled soft cross-entropy, checkpoints
+    -> graphs: held-out agreement; the target again, now with its features output; the draft; parity with torch;
+       a short greedy decode through the runtime for tau -> manifest -> the bundle replaced in one rename
 
-The new bundle is assembled in a hidden directory beside the old one (unchanged files hard-linked), so an
-interrupted run leaves the bundle exactly as it was.
+Each phase keeps its output in a work directory (workdir.py; default $SPECX_HOME/train-work/NAME-DIGEST) with a
+manifest of what made it: a run killed at any moment continues from the last shard or checkpoint (``resume``, the
+default) and ends with the same draft; a phase whose output is complete is skipped. Under a launcher (torchrun,
+accelerate launch: distributed.py) the processes share the phases' shards and train data-parallel; the main
+process writes the bundle. The new bundle is assembled in a hidden directory beside the old one (unchanged files
+hard-linked), so an interrupted run leaves the bundle exactly as it was.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import datetime as _dt
-import hashlib
-import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
 import numpy as np
 import torch
 
-from specx.drafttrain.data import (TOP_K, DistillationSet, Progress, corpus_texts, distill, draft_vocabulary,
-                                   generate_texts, no_progress)
+from specx.drafttrain.checkpoint import load_draft, save_draft
+from specx.drafttrain.data import DEFAULT_SHARD_TOKENS, TOP_K, DistillationSet, Progress, draft_vocabulary, no_progress
+from specx.drafttrain.distributed import DEFAULT_TIMEOUT_SECONDS, Ranks, processes
 from specx.drafttrain.model import FeatureDraftModel
+from specx.drafttrain.phases import PRECISIONS, DataRequest, TrainingData, training_data
 from specx.drafttrain.precision import fast_dtype
-from specx.drafttrain.train import TrainConfig, agreement, default_feature_layers, new_draft, train
+from specx.drafttrain.train import (CHECKPOINT_MINUTES, Checkpointing, TrainConfig, TrainLog, agreement,
+                                    default_feature_layers, new_draft, train)
+from specx.drafttrain.workdir import DiskUse, Phase, check_disk, digest, disk_use, locked, written
 from specx.errors import ExportError, InvalidArgumentError
 from specx.exporter.adapters import adapter_for
 from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path
@@ -48,10 +55,11 @@ from specx.runtime.session import DecoderSession, open_session
 from specx.runtime.swap import TRAINING, check_replaceable, replace_bundle, sibling
 from specx.runtime.tree import chain
 
-LARGER_SLACK = 1.1  # a cached set up to 10% over the budget is used whole
-DATA_VERSION = 4  # bump when the data recipe changes: older caches are then ignored
 DRAFT_GRAPH = "draft.onnx"
 VOCAB_FILE = "draft_vocab.npy"
+DRAFT_WEIGHTS = "draft.safetensors"  # the trained draft, in the training phase's folder
+CHECKPOINT = "checkpoint.safetensors"
+PHASES = ("texts", "labels", "train", "graphs")
 # SmolLM2-135M on a 2-core AMX CPU with 8 epochs: 51.7 min end to end, 1.42x greedy (docs/benchmarks.md)
 DEFAULT_TOKENS = 700_000
 DEFAULT_DRAFT_VOCAB = 8192
@@ -77,108 +85,215 @@ class TrainDraftRequest:
     seed: int = 0
     epochs: float = TrainConfig.epochs
     feature_layers: tuple[int, ...] | None = None  # None: EAGLE-3's low / middle / high
-    cache_data: bool = True  # keep the distillation set under $SPECX_HOME/train-data for later runs
+    cache_data: bool = True  # keep the work directory after success (later runs reuse its data)
     draft_bits: int | None = DEFAULT_DRAFT_BITS  # weight-only quantized draft graph (8 or 4 bits); None: float32
     draft_layers: int = 1  # decoder layers in the draft
     hard_label: float = TrainConfig.hard_label  # share of the label mass on the target's argmax (train.label_mass)
+    work_dir: Path | None = None  # None: $SPECX_HOME/train-work/NAME-DIGEST
+    resume: bool = True  # continue the phases an earlier run left in the work directory; False: start over
+    batch: int = TrainConfig.batch  # texts per optimizer step, over all processes
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per data shard
+    checkpoint_minutes: float = CHECKPOINT_MINUTES
+    checkpoint_steps: int = 0  # also checkpoint every this many steps (0: by time alone)
+    precision: str = "auto"  # auto | fp32 | bf16: the target copy writing and labelling the text, the draft's autocast
+    collective_timeout: float = DEFAULT_TIMEOUT_SECONDS  # seconds a process waits for the others
 
 
 @dataclass
 class TrainDraftResult:
     bundle: Path
-    training: dict  # what the manifest records
+    training: dict  # what the manifest records ({} in the processes of a job that do not write the bundle)
+    rank: int = 0
 
 
 def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_progress) -> TrainDraftResult:
     bundle = Bundle.load(request.bundle)
-    manifest = bundle.manifest
     check_replaceable(bundle.path)  # before the work: the bundle is replaced at the end
     _check_request(request)
-    device = _device(request.device)
+    with processes(_device(request.device), request.collective_timeout) as (ranks, device):
+        if request.batch < ranks.world_size:
+            raise InvalidArgumentError(f"--batch {request.batch} is smaller than the {ranks.world_size} processes: "
+                                       "each needs a text of every batch; raise --batch")
+        if not ranks.main:  # the main process reports for the job
+            step, progress = _quiet, no_progress
+        return _train_draft(request, bundle, ranks, device, step, progress)
+
+
+def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, device: str, step: Step,
+                 progress: Progress) -> TrainDraftResult:
+    manifest = bundle.manifest
     started = time.perf_counter()
     with step(f"loading the target {Path(manifest.target.source).name}"):
         loaded = load_source(manifest.target.source, "fp32")
     adapter = adapter_for(loaded.model.config)
     layers = request.feature_layers or default_feature_layers(adapter.spec.num_layers)
-    rng = np.random.default_rng(request.seed)
     torch.manual_seed(request.seed)
-    cache = _data_cache(request, manifest, layers)
-    larger = _larger_cache(cache, request.tokens) if cache is not None else None
-    if larger is not None:
-        with step(f"reusing the training data of an earlier run ({larger.name})"):
-            data = DistillationSet.load(larger)
-            data = data.head(request.tokens) if data.num_tokens > request.tokens * LARGER_SLACK else data
-    else:
-        data = _distillation_data(request, loaded, layers, device, rng, progress)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            data.save(cache)
+    work = request.work_dir or default_work_dir(manifest, request, layers)
+    with locked(work) if ranks.main else contextlib.nullcontext():
+        if ranks.main and not request.resume:
+            clear_phases(work)
+        ranks.barrier("opening the work directory")  # nothing is read before the main process has cleared it
+        use = _disk_use(work, loaded, adapter, layers, request)
+        with step(f"work directory {work}: {use.describe()}"):
+            check_disk(work, use)
+        data_request = DataRequest(request.tokens, request.seed, request.corpus, layers, request.shard_tokens,
+                                   request.precision)
+        made = training_data(work, loaded, data_request, device, ranks, step, progress)
+        trained = _training_phase(work, made, loaded, adapter, layers, request, device, ranks, progress)
+        if not ranks.main:
+            return TrainDraftResult(bundle.path, {}, ranks.rank)
+        result = _graphs_phase(work, bundle, loaded, adapter, layers, trained, request, ranks, step, started)
+    if not request.cache_data:
+        clear_work_dir(work)
+    return result
+
+
+@contextlib.contextmanager
+def _quiet(_: str):
+    yield
+
+
+def default_work_dir(manifest: Manifest, request: TrainDraftRequest, layers: tuple[int, ...]) -> Path:
+    """$SPECX_HOME/train-work/NAME-DIGEST, keyed by what the data depends on besides the budget (a smaller budget
+    reuses a larger one's data; the phases' manifests decide what is reused)."""
+    key = {"source": manifest.target.source, "seed": request.seed, "layers": list(layers),
+           "corpus": [str(Path(p).resolve()) for p in request.corpus]}
+    return specx_home() / "train-work" / f"{Path(manifest.target.source).name}-{digest(key)}"
+
+
+def clear_phases(work: Path) -> None:
+    """Remove the phases' output from ``work`` (nothing else)."""
+    for name in PHASES:
+        shutil.rmtree(work / name, ignore_errors=True)
+
+
+def clear_work_dir(work: Path) -> None:
+    """Remove what train-draft keeps in ``work`` (its phases and lock; nothing else), and the folder once empty."""
+    clear_phases(work)
+    with contextlib.suppress(OSError):
+        (work / "lock").unlink()
+        work.rmdir()
+
+
+def _disk_use(work: Path, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
+              request: TrainDraftRequest) -> DiskUse:
+    """Texts and labels per token x the budget (the corpus files' bytes bound their tokens), and the training
+    checkpoint (parameters and AdamW's two moments, twice while one replaces the other) and trained draft."""
+    spec = adapter.spec
+    hidden, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    ffn = int(getattr(loaded.model.config, "intermediate_size", None) or 4 * hidden)
+    params = (len(layers) * hidden * hidden + 2 * hidden * hidden + min(request.draft_vocab, spec.vocab_size) * hidden
+              + request.draft_layers * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * ffn))
+    per_token = 8 + 8 + 2 * len(layers) * hidden + TOP_K * (4 + 2)  # text ids; label ids, features, top-k ids, probs
+    tokens = request.tokens + sum(Path(p).stat().st_size for p in request.corpus)
+    return disk_use(work, per_token, tokens, 4 * params * 7, [Phase(work / name, {}) for name in PHASES])
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trained:
+    draft: FeatureDraftModel
+    vocab_map: np.ndarray
+    log: TrainLog
+    train_set: DistillationSet
+    held_out: DistillationSet
+    config: TrainConfig
+    digest: str  # the training phase's identity
+    untrained: list[float]  # held-out agreement before training (the main process only)
+    made: TrainingData
+    reused: tuple[str, ...]
+
+
+def _training_phase(work: Path, made: TrainingData, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
+                    request: TrainDraftRequest, device: str, ranks: Ranks, progress: Progress) -> Trained:
+    data = made.data
     train_set, held_out = data.split(max(MIN_HELD_OUT, int(len(data.tokens) * HELD_OUT_SHARE)))
     vocab_map = draft_vocabulary(train_set, request.draft_vocab, adapter.spec.vocab_size)
-    config = TrainConfig(epochs=request.epochs, seed=request.seed, hard_label=request.hard_label)
+    config = TrainConfig(epochs=float(request.epochs), seed=request.seed, hard_label=float(request.hard_label),
+                         batch=request.batch)  # floats: the identity is the same from the CLI and the API
+    phase = Phase(work / "train", {"data": made.digest, "texts": len(data.tokens), "config": asdict(config),
+                                   "draft_vocab": request.draft_vocab, "draft_layers": request.draft_layers,
+                                   "feature_layers": list(layers), "precision": request.precision})
+    resumed = ranks.main and (work / "train" / CHECKPOINT).is_file() and phase.matching_record() is not None
+    if ranks.main:
+        phase.start(lambda: {"mixed_precision": _mixed_precision(request.precision, device)}, ranks.world_size)
+    ranks.barrier("starting the training phase")
+    record = phase.record()
+    config = replace(config, mixed_precision=record["mixed_precision"])
     draft = new_draft(loaded.model, adapter, layers, vocab_map, request.seed, request.draft_layers)
-    untrained = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
-    log = train(draft.to(device), train_set, vocab_map, adapter.spec.vocab_size, config, progress)
+    untrained = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll) if ranks.main else []
+    reused = made.reused + (("train",) if resumed or record.get("complete") else ())
+    if record.get("complete"):
+        load_draft(phase.root / DRAFT_WEIGHTS, draft)
+        return Trained(draft, vocab_map, TrainLog(**record["log"]), train_set, held_out, config, phase.digest,
+                       untrained, made, reused)
+    checkpointing = Checkpointing(phase.root / CHECKPOINT, phase.digest, request.checkpoint_minutes * 60,
+                                  request.checkpoint_steps)
+    log = train(draft.to(device), train_set, vocab_map, adapter.spec.vocab_size, config, progress, checkpointing,
+                ranks)
     draft.to("cpu")
-    reached = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll)
-    seen = agreement(draft, train_set.head(held_out.num_tokens), vocab_map, adapter.spec.vocab_size, 1)
-    training = {
+    ranks.barrier("ending the training")
+    if ranks.main:
+        save_draft(phase.root / DRAFT_WEIGHTS, draft, phase.digest)
+        phase.write({**record, "complete": True, "log": asdict(log)})
+        written("train", log.steps, ranks.rank)
+    return Trained(draft, vocab_map, log, train_set, held_out, config, phase.digest, untrained, made, reused)
+
+
+def _mixed_precision(precision: str, device: str) -> bool:
+    if precision == "auto":
+        return fast_dtype(device) == torch.bfloat16
+    return PRECISIONS[precision] == "bfloat16"
+
+
+# -- graphs -----------------------------------------------------------------------------------------------------
+def _graphs_phase(work: Path, bundle: Bundle, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
+                  trained: Trained, request: TrainDraftRequest, ranks: Ranks, step: Step,
+                  started: float) -> TrainDraftResult:
+    """The bundle with the draft (the main process): skipped when the bundle already holds this very draft."""
+    manifest = bundle.manifest
+    phase = Phase(work / "graphs", {"training": trained.digest, "bundle": str(bundle.path.resolve()),
+                                    "draft_bits": request.draft_bits})
+    held = (manifest.draft.training or {}) if manifest.draft is not None else {}
+    if (phase.matching_record() or {}).get("complete") and held.get("run") == phase.digest:
+        with step("the bundle already holds this draft (nothing left to do)"):
+            return TrainDraftResult(bundle.path, dict(held))
+    record = phase.start(dict, ranks.world_size)
+    training = _training_record(trained, request, layers, adapter, ranks, phase.digest)
+    output = _write_bundle(bundle.path, manifest, loaded, adapter, layers, trained.draft, trained.vocab_map, training,
+                           trained.held_out, step, started)
+    phase.write({**record, "complete": True})
+    return TrainDraftResult(output, training)
+
+
+def _training_record(trained: Trained, request: TrainDraftRequest, layers: tuple[int, ...], adapter,  # noqa: ANN001
+                     ranks: Ranks, run: str) -> dict:
+    """What the bundle's manifest says about the draft's training."""
+    train_set, held_out, log, vocab_map = trained.train_set, trained.held_out, trained.log, trained.vocab_map
+    reached = agreement(trained.draft, held_out, vocab_map, adapter.spec.vocab_size, trained.config.unroll)
+    seen = agreement(trained.draft, train_set.head(held_out.num_tokens), vocab_map, adapter.spec.vocab_size, 1)
+    return {
         "kind": "feature", "method": "self-distillation, EAGLE-3 features, unrolled soft cross-entropy"
                             + (f" ({request.hard_label:g} of each label on the argmax)" if request.hard_label else ""),
         "feature_layers": list(layers), "draft_vocab": int(vocab_map.size), "draft_layers": request.draft_layers,
         "seed": request.seed, "hard_label": request.hard_label,
-        "data_tokens": data.num_tokens, "corpus_files": [str(p) for p in request.corpus],
+        "data_tokens": trained.made.data.num_tokens, "corpus_files": [str(p) for p in request.corpus],
         "train_tokens": train_set.num_tokens, "held_out_tokens": held_out.num_tokens, "epochs": request.epochs,
-        "steps": log.steps, "first_loss": log.first_loss, "last_loss": log.last_loss,
-        "train_seconds": round(log.seconds, 1), "device": device, "draft_bits": request.draft_bits,
+        "batch": request.batch, "steps": log.steps, "first_loss": log.first_loss, "last_loss": log.last_loss,
+        "train_seconds": round(log.seconds, 1), "device": _device(request.device), "draft_bits": request.draft_bits,
+        "data_precision": trained.made.dtype, "mixed_precision": trained.config.mixed_precision,
+        "world_size": ranks.world_size, "resumed": list(trained.reused), "run": run,
         "held_out_agreement": [round(a, 4) for a in reached],
         "train_agreement": round(seen[0], 4),  # as much training text, one level: far above held-out = more text
-        "untrained_agreement": [round(a, 4) for a in untrained],
+        "untrained_agreement": [round(a, 4) for a in trained.untrained],
     }
-    output = _write_bundle(bundle.path, manifest, loaded, adapter, layers, draft, vocab_map, training, held_out,
-                           step, started)
-    return TrainDraftResult(output, training)
-
-
-def _distillation_data(request: TrainDraftRequest, loaded, layers: tuple[int, ...], device: str,
-                       rng: np.random.Generator, progress: Progress) -> DistillationSet:
-    dtype = fast_dtype(device)
-    # The text and the labels come from a copy in the device's fastest precision (bfloat16 here: 2.5x faster
-    # labels than float32, the same argmax at 98% of positions, features within 1%); the target stays float32.
-    keep = dtype == torch.float32 and device == "cpu"  # the target itself serves: no second copy in memory
-    model = loaded.model if keep else copy.deepcopy(loaded.model).to(device=device, dtype=dtype)
-    texts = generate_texts(model, loaded.tokenizer, request.tokens, rng, progress) if request.tokens else []
-    texts += corpus_texts(loaded.tokenizer, request.corpus)
-    if len(texts) < 2 * MIN_HELD_OUT:
-        raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
-    order = rng.permutation(len(texts))
-    return distill(model, [texts[i] for i in order], layers, progress)
-
-
-def _data_cache(request: TrainDraftRequest, manifest: Manifest, layers: tuple[int, ...]) -> Path | None:
-    """Where the distillation set of this request is kept, so that training again (other epochs, vocabulary) skips
-    the slow part; None when caching is off. Keyed by everything that changes the data."""
-    if not request.cache_data:
-        return None
-    key = json.dumps({"source": manifest.target.source, "seed": request.seed,
-                      "corpus": [str(Path(p).resolve()) for p in request.corpus], "layers": list(layers),
-                      "top_k": TOP_K, "version": DATA_VERSION}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return specx_home() / "train-data" / f"{Path(manifest.target.source).name}-{digest}-{request.tokens}.npz"
-
-
-def _larger_cache(cache: Path, tokens: int) -> Path | None:
-    """This request's cached data, or the data of a larger budget with everything else the same (its first texts
-    serve a smaller budget)."""
-    stem = cache.stem.rsplit("-", 1)[0]
-    sizes = sorted((int(p.stem.rsplit("-", 1)[1]), p) for p in cache.parent.glob(f"{stem}-*.npz")
-                   if p.stem.rsplit("-", 1)[1].isdigit())
-    return next((p for size, p in sizes if size >= tokens), None)
 
 
 def _check_request(request: TrainDraftRequest) -> None:
     if request.tokens < 0:
         raise InvalidArgumentError(f"--tokens must be >= 0, got {request.tokens}")
+    if request.seed < 0:
+        raise InvalidArgumentError(f"--seed must be >= 0, got {request.seed}")
     if request.draft_vocab < 2:
         raise InvalidArgumentError(f"--draft-vocab must be at least 2, got {request.draft_vocab}")
     if request.draft_layers < 1:
@@ -187,6 +302,16 @@ def _check_request(request: TrainDraftRequest) -> None:
         raise InvalidArgumentError(f"--hard-label must lie in [0, 1], got {request.hard_label}")
     if request.epochs <= 0:
         raise InvalidArgumentError(f"--epochs must be positive, got {request.epochs}")
+    if request.batch < 1:
+        raise InvalidArgumentError(f"--batch must be at least 1, got {request.batch}")
+    if request.shard_tokens < 1:
+        raise InvalidArgumentError(f"--shard-tokens must be at least 1, got {request.shard_tokens}")
+    if request.checkpoint_minutes <= 0 or request.checkpoint_steps < 0:
+        raise InvalidArgumentError("--checkpoint-minutes must be positive and --checkpoint-steps >= 0")
+    if request.collective_timeout <= 0:
+        raise InvalidArgumentError(f"--collective-timeout must be positive, got {request.collective_timeout}")
+    if request.precision != "auto" and request.precision not in PRECISIONS:
+        raise InvalidArgumentError(f"unknown --precision {request.precision!r}; use auto, fp32 or bf16")
     if request.draft_bits is not None and request.draft_bits not in SUPPORTED_BITS:
         raise InvalidArgumentError(f"draft quantization must be int8 or int4, got {request.draft_bits} bits")
     for path in request.corpus:

@@ -19,8 +19,9 @@ MIN_GAIN = 1.2  # bfloat16 must be this much faster to be used
 
 
 def fast_dtype(device: str) -> torch.dtype:
-    """torch.bfloat16 where ``device`` runs it clearly faster than float32, else torch.float32."""
-    if device == "cuda":
+    """torch.bfloat16 where ``device`` (cpu, cuda or cuda:N) runs it clearly faster than float32, else
+    torch.float32."""
+    if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     fp32 = _matmul_seconds(torch.float32)
     try:

@@ -11,16 +11,22 @@ import importlib.util
 import math
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
+from specx.drafttrain.checkpoint import Position, load_checkpoint, save_checkpoint
 from specx.drafttrain.data import DistillationSet, Progress, no_progress
+from specx.drafttrain.distributed import Ranks, data_parallel
 from specx.drafttrain.loss import sparse_soft_cross_entropy
 from specx.drafttrain.model import DraftLayer, FeatureDraftModel, unrolled_logits
 from specx.drafttrain.precision import fast_dtype
+from specx.drafttrain.workdir import crash_point, written
 from specx.exporter.adapters import ArchitectureAdapter
 
 WARMUP_STEPS = 20
@@ -28,6 +34,7 @@ MIN_LR_FRACTION = 0.1  # cosine decay down to this share of the peak
 # torch.compile costs ~10-30 s up front and saved ~20% of a step on 2 CPU cores (docs/benchmarks.md): it pays
 # from a few hundred full steps on; tiny runs (tests) stay in eager mode.
 COMPILE_MIN_TOKEN_PASSES = 1_000_000
+CHECKPOINT_MINUTES = 10.0  # a killed run loses at most this much training
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class Batch:
     real: torch.Tensor  # (batch, seq) bool: rows of a text, not padding
     valid: torch.Tensor  # (batch, seq) bool: real rows whose target argmax the draft can produce
 
-    def to(self, device: str) -> "Batch":
+    def to(self, device: str | torch.device) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
@@ -139,19 +146,34 @@ def make_batch(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray, w
                  torch.from_numpy(valid))
 
 
-def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig) -> torch.Tensor:
+def unroll_loss(draft: FeatureDraftModel, batch: Batch, config: TrainConfig,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Each unroll step's mean soft cross-entropy over its rows in the loss, weighted by UNROLL_DECAY ** k.
+    ``counts`` (unroll,): the rows in the loss at each step in the whole global batch (default: this batch's): a
+    process of a data-parallel job, holding a slice of the batch, returns its share of the global loss."""
     fused = draft.fuse_features(batch.features)
     total = torch.zeros((), device=batch.tokens.device)
-    weights = 0.0
+    weights = torch.zeros((), device=batch.tokens.device)
     mass = label_mass(batch, config.hard_label)  # (batch, seq, TOP_K)
     for k, logits in enumerate(unrolled_logits(draft, batch.tokens, fused, config.unroll)):
         valid = batch.valid.clone()
         valid[:, :k] = False
         per_row = sparse_soft_cross_entropy(logits, batch.target_ids.clamp(min=0), mass)  # (batch, seq)
-        if valid.any():
-            total = total + config.unroll_decay ** k * per_row[valid].mean()
-            weights += config.unroll_decay ** k
-    return total / max(weights, 1e-9)
+        count = valid.sum() if counts is None else counts[k]
+        total = total + config.unroll_decay ** k * torch.where(valid, per_row, 0.0).sum() / count.clamp(min=1)
+        weights = weights + config.unroll_decay ** k * (count > 0)
+    return total / weights.clamp(min=1e-9)
+
+
+def valid_counts(data: DistillationSet, texts: np.ndarray, to_draft: np.ndarray, steps: int) -> np.ndarray:
+    """(steps,) float32: the rows of ``texts`` that unroll step k puts in the loss (positions t >= k whose target
+    argmax the draft vocabulary holds), as unroll_loss counts them in a batch of these texts."""
+    counts = np.zeros(steps, np.float32)
+    for i in texts:
+        start, length = int(data.offsets[i]), data.tokens[i].size
+        positions = np.flatnonzero(to_draft[data.top_ids[start:start + length, 0]] >= 0)  # (valid rows,)
+        counts += [np.count_nonzero(positions >= k) for k in range(steps)]
+    return counts
 
 
 def label_mass(batch: Batch, hard: float) -> torch.Tensor:
@@ -175,8 +197,37 @@ class TrainLog:
     last_loss: float = math.nan
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often train() saves its state: the main process writes, every process resumes from it."""
+
+    path: Path
+    identity: str  # what the training is: a checkpoint of another training is ignored
+    every_seconds: float = CHECKPOINT_MINUTES * 60
+    every_steps: int = 0  # also every this many steps (0: by time alone)
+
+    def due(self, steps: int, since: float) -> bool:
+        return (self.every_steps > 0 and steps % self.every_steps == 0) or since >= self.every_seconds
+
+
+class _Objective(nn.Module):
+    """The loss as a module's forward: what DistributedDataParallel wraps (it synchronises the gradients of the
+    passes that go through a forward)."""
+
+    def __init__(self, draft: FeatureDraftModel, loss_of: Callable, config: TrainConfig):
+        super().__init__()
+        self.draft, self.loss_of, self.config = draft, loss_of, config
+
+    def forward(self, batch: Batch, counts: torch.Tensor) -> torch.Tensor:
+        return self.loss_of(self.draft, batch, self.config, counts)
+
+
 def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray, target_vocab: int,
-          config: TrainConfig, progress: Progress = no_progress) -> TrainLog:
+          config: TrainConfig, progress: Progress = no_progress, checkpointing: Checkpointing | None = None,
+          ranks: Ranks = Ranks()) -> TrainLog:
+    """Train ``draft`` in place. With ``checkpointing``, it continues from the checkpoint there (the same draft as a
+    run never stopped) and saves one as it goes. In a data-parallel job each process takes a slice of every global
+    batch of ``config.batch`` texts and the gradients are averaged (DistributedDataParallel)."""
     rng = np.random.default_rng(config.seed)
     to_draft = target_to_draft(vocab_map, target_vocab)
     texts = len(data.tokens)
@@ -185,41 +236,63 @@ def train(draft: FeatureDraftModel, data: DistillationSet, vocab_map: np.ndarray
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(0.9, 0.95), weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
-    log = TrainLog()
-    device = next(draft.parameters()).device.type
+    where = next(draft.parameters()).device
+    device = where.type
     mixed = fast_dtype(device) == torch.bfloat16 if config.mixed_precision is None else config.mixed_precision
     passes = data.num_tokens * config.epochs
     compiled = passes >= COMPILE_MIN_TOKEN_PASSES if config.compile is None else config.compile
     loss_of = torch.compile(unroll_loss, dynamic=False) if compiled and _can_compile(device) else unroll_loss
     width = max(t.size for t in data.tokens)  # one batch shape for the whole run
+    position = Position(0, np.empty(0, np.int64), asdict(TrainLog()))
+    if checkpointing is not None:
+        position = load_checkpoint(checkpointing.path, checkpointing.identity, draft, optimizer, schedule,
+                                   rng) or position
+    objective = data_parallel(_Objective(draft, loss_of, config), ranks, str(where))
+    log, order = TrainLog(**position.log), position.order
     bar = progress("training the draft (steps)", total_steps)
-    start = time.perf_counter()
+    bar.update(position.step)
+    start = saved = time.perf_counter()
+    seconds_before = log.seconds
     draft.train()
-    order = np.empty(0, np.int64)
     try:
-        for step in range(total_steps):
+        for step in range(position.step, total_steps):
             if order.size < config.batch:
                 order = np.concatenate([order, rng.permutation(texts)])
             chosen, order = order[: config.batch], order[config.batch:]
-            batch = make_batch(data, chosen, to_draft, width).to(device)
+            batch = make_batch(data, _share(chosen, ranks), to_draft, width).to(where)
+            counts = valid_counts(data, chosen, to_draft, config.unroll)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=mixed):
-                loss = loss_of(draft, batch, config)
+                loss = objective(batch, torch.from_numpy(counts).to(where))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with ranks.collective("a training step"):
+                (loss * ranks.world_size).backward()  # DistributedDataParallel averages: the global loss's gradient
             torch.nn.utils.clip_grad_norm_(draft.parameters(), config.clip)
             optimizer.step()
             schedule.step()
-            value = float(loss.detach())
-            log.first_loss = value if step == 0 else log.first_loss
-            log.last_loss = value
+            if step == 0 or step == total_steps - 1:
+                value = float(ranks.total(loss.detach().float(), "summing the loss"))
+                log.first_loss = value if step == 0 else log.first_loss
+                log.last_loss = value
             log.steps += 1
-            log.tokens_seen += int(batch.valid.sum())
+            log.tokens_seen += int(counts[0])
+            log.seconds = seconds_before + time.perf_counter() - start
             bar.update(1)
+            if checkpointing is not None and ranks.main and checkpointing.due(step + 1, time.perf_counter() - saved):
+                save_checkpoint(checkpointing.path, checkpointing.identity, draft, optimizer, schedule, rng,
+                                Position(step + 1, order, asdict(log)))
+                written("checkpoint", step + 1, ranks.rank)
+                saved = time.perf_counter()
+            crash_point("step", step + 1, ranks.rank)
     finally:
         bar.close()
     draft.eval()
-    log.seconds = time.perf_counter() - start
+    log.seconds = seconds_before + time.perf_counter() - start
     return log
+
+
+def _share(chosen: np.ndarray, ranks: Ranks) -> np.ndarray:
+    """This process's contiguous slice of a global batch (all of it in a job of one)."""
+    return chosen[ranks.rank * chosen.size // ranks.world_size:(ranks.rank + 1) * chosen.size // ranks.world_size]
 
 
 def _can_compile(device: str) -> bool:
