@@ -220,3 +220,19 @@ def test_a_process_that_dies_fails_the_job_and_a_rerun_resumes(tiny_bundle: Path
     assert checkpoints[:2] == [2, 4]  # resumed from step 2's checkpoint: its next one is step 4's
     assert sum(phase == "texts" for phase, _, _ in _trace(trace)) == 4
     _assert_same_draft(work, reference, atol=DDP_ATOL)
+
+
+def test_the_phase_benchmark_measures_every_phase_and_projects_them(tiny_bundle: Path):
+    from benchmarks import drafttrain_phases as bench
+
+    measured = bench.measure(tiny_bundle, tokens=320, epochs=1.0, precision="fp32")
+    assert all(measured["tokens_per_second"][phase] > 0 for phase in ("texts", "labels", "training"))
+    rows = bench.projection(measured, utilisation=0.35, generation_utilisation=0.1)
+    assert len(rows) == len(bench.TARGETS) * (1 + len(bench.GPUS) * len(bench.GPU_COUNTS))
+    one, eight = (next(r for r in rows if r["target"] == "Llama-3.2-3B" and r["hardware"] == f"{n} x H100 SXM")
+                  for n in (1, 8))
+    assert one["total_minutes"] == pytest.approx(8 * eight["total_minutes"])
+    # Llama-3.2-1B's draft (model.py's layout): 98.6M weights; labelling at 35% of 989 TFLOPS: 2 x 1.236e9 x 7e5 FLOPs
+    assert bench.draft_params(2048, 32, 8, 64, 8192) == 98_566_144
+    labels = next(r for r in rows if r["target"] == "Llama-3.2-1B" and r["hardware"] == "1 x H100 SXM")
+    assert labels["minutes"]["labels"] == pytest.approx(2 * 1.236e9 * 7e5 / (0.35 * 989e12) / 60)
