@@ -222,6 +222,19 @@ def test_a_process_that_dies_fails_the_job_and_a_rerun_resumes(tiny_bundle: Path
     _assert_same_draft(work, reference, atol=DDP_ATOL)
 
 
+def test_a_failed_collective_says_what_happened_and_what_to_do():
+    from specx.drafttrain.distributed import DistributedTrainingError, Ranks
+
+    with pytest.raises(DistributedTrainingError, match=r"process 1 of 2: a training step failed \(\[pair.cc:553\] "
+                                                       r"Connection closed by peer\); another process .* Run the same "
+                                                       r"command again to resume"):
+        with Ranks(1, 2, 1).collective("a training step"):
+            raise RuntimeError("[pair.cc:553] Connection closed by peer\nmore detail")
+    with pytest.raises(RuntimeError, match="not a collective"):  # a job of one: errors pass as they are
+        with Ranks().collective("a training step"):
+            raise RuntimeError("not a collective")
+
+
 def test_the_phase_benchmark_measures_every_phase_and_projects_them(tiny_bundle: Path):
     from benchmarks import drafttrain_phases as bench
 

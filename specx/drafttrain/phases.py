@@ -103,14 +103,14 @@ def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: 
     writer = _Writer(loaded.model, device)
     reused = []
     record = _start(texts, ranks, lambda: {"dtype": _resolve(request.precision, device)})
-    reused += ["texts"] if record.get("complete") or _any_shard(texts) else []
+    reused += ["texts"] if _any_shard(texts) else []
     generated = _write_texts(texts, record, writer, loaded.tokenizer, request, ranks, progress)
     ordered = _order(generated + corpus_texts(loaded.tokenizer, request.corpus), request.seed)
     if len(ordered) < MIN_TEXTS:
         raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
     labels = labels_phase(work, texts, request, record["dtype"])
     labels_record = _start(labels, ranks, dict)
-    reused += ["labels"] if labels_record.get("complete") or _any_shard(labels) else []
+    reused += ["labels"] if _any_shard(labels) else []
     data = _write_labels(labels, labels_record, writer, ordered, request, ranks, progress)
     return TrainingData(data, labels.digest, record["dtype"], tuple(reused))
 
@@ -160,8 +160,9 @@ class _Writer:
 # -- texts ------------------------------------------------------------------------------------------------------
 def _write_texts(phase: Phase, record: dict, writer: _Writer, tokenizer, request: DataRequest,  # noqa: ANN001
                  ranks: Ranks, progress: Progress) -> list[np.ndarray]:
-    """Rounds of shards until every kind has its share; each round's plan follows from the shards before it."""
-    if record.get("complete"):
+    """Rounds of shards until every kind has its share; each round's plan follows from the shards before it (a
+    missing shard, even of a phase once complete, is written again: the same shard)."""
+    if phase.complete(record):
         return _load_texts(phase, record["shards"])
     started = time.perf_counter()
     shares, length = text_shares(tokenizer), text_length(writer.model)
@@ -220,7 +221,7 @@ def label_chunks(sizes: list[int], shard_tokens: int) -> list[tuple[int, int]]:
 
 def _write_labels(phase: Phase, record: dict, writer: _Writer, texts: list[np.ndarray], request: DataRequest,
                   ranks: Ranks, progress: Progress) -> DistillationSet:
-    if record.get("complete"):
+    if phase.complete(record):
         return _load_labels(phase, record["shards"])
     started = time.perf_counter()
     chunks = label_chunks([t.size for t in texts], request.shard_tokens)
@@ -246,7 +247,7 @@ def _complete_labels(work: Path, texts: Phase, request: DataRequest) -> tuple[di
     recipe, with at least this many tokens (its first texts then serve; an equal budget: all of it)."""
     phase = Phase(work / "labels", {})
     record = phase.record()
-    if record is None or not record.get("complete"):
+    if not phase.complete(record):
         return None
     made = record["identity"]
     ours = labels_phase(work, texts, request, made.get("dtype", ""))

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, devic
 
 
 @contextlib.contextmanager
-def _quiet(_: str):
+def _quiet(_: str) -> Iterator[None]:
     yield
 
 
@@ -164,7 +164,7 @@ def default_work_dir(manifest: Manifest, request: TrainDraftRequest, layers: tup
 def clear_phases(work: Path) -> None:
     """Remove the phases' output from ``work`` (nothing else)."""
     for name in PHASES:
-        shutil.rmtree(work / name, ignore_errors=True)
+        Phase(work / name, {}).remove()
 
 
 def clear_work_dir(work: Path) -> None:
@@ -222,8 +222,9 @@ def _training_phase(work: Path, made: TrainingData, loaded, adapter, layers: tup
     config = replace(config, mixed_precision=record["mixed_precision"])
     draft = new_draft(loaded.model, adapter, layers, vocab_map, request.seed, request.draft_layers)
     untrained = agreement(draft, held_out, vocab_map, adapter.spec.vocab_size, config.unroll) if ranks.main else []
-    reused = made.reused + (("train",) if resumed or record.get("complete") else ())
-    if record.get("complete"):
+    done = record.get("complete") and (phase.root / DRAFT_WEIGHTS).is_file()
+    reused = made.reused + (("train",) if resumed or done else ())
+    if done:
         load_draft(phase.root / DRAFT_WEIGHTS, draft)
         return Trained(draft, vocab_map, TrainLog(**record["log"]), train_set, held_out, config, phase.digest,
                        untrained, made, reused)

@@ -110,7 +110,7 @@ class Phase:
         with ``choices()``. Leftovers of writers killed mid-shard are removed."""
         record = self.matching_record()
         if record is None:
-            shutil.rmtree(self.root, ignore_errors=True)
+            self.remove()
             self.root.mkdir(parents=True)
             record = {"phase": self.name, "digest": self.digest, "identity": self.identity, **choices(),
                       "world_sizes": []}
@@ -126,6 +126,15 @@ class Phase:
 
     def write(self, record: dict) -> None:
         write_json(self.root / MANIFEST, record)
+
+    def remove(self) -> None:
+        """The manifest first: a removal cut short leaves no manifest that vouches for what is left."""
+        (self.root / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def complete(self, record: dict | None) -> bool:
+        """Whether ``record`` says the phase ended and its shards are all in place."""
+        return bool(record and record.get("complete") and all(self.has(i) for i in range(record.get("shards", 0))))
 
     def shard(self, index: int) -> Path:
         return self.root / f"shard-{index:05d}"
