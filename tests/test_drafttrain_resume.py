@@ -222,6 +222,17 @@ def test_a_process_that_dies_fails_the_job_and_a_rerun_resumes(tiny_bundle: Path
     _assert_same_draft(work, reference, atol=DDP_ATOL)
 
 
+def test_the_cli_defaults_of_the_new_options_are_the_pipelines():
+    import inspect
+
+    from specx import cli
+
+    options = inspect.signature(cli.train_draft_command).parameters
+    for name in ("resume", "batch", "shard_tokens", "checkpoint_minutes", "checkpoint_steps", "precision",
+                 "collective_timeout"):
+        assert options[name].default.default == getattr(TrainDraftRequest, name), name
+
+
 def test_a_failed_collective_says_what_happened_and_what_to_do():
     from specx.drafttrain.distributed import DistributedTrainingError, Ranks
 
