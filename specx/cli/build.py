@@ -33,9 +33,9 @@ def export(
     ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
     quant_accuracy: Optional[int] = typer.Option(None, help="MatMulNBits accuracy level of an int8/int4 target (default: 4 "
                                                 "for int8/int4, 0 for fp16-int8/fp16-int4): 4 (int8 compute, "
-                                               "fastest steps, but its multi-token passes differ from one-token "
-                                               "steps, so the bundle decodes plainly) or 0 (float compute: exact "
-                                               "speculation, ~1.3x slower steps on SmolLM2-135M)."),
+                                               "fastest steps; exact chains: passes padded to two rows, and the "
+                                               "bundle speculates with chains only) or 0 (float compute: exact "
+                                               "trees too, ~1.3x slower steps on SmolLM2-135M)."),
     quant_block: int = typer.Option(32, help="MatMulNBits block size of an int8/int4 target (16, 32, 64, 128 or "
                                              "256): larger blocks store fewer scales and step faster, less exactly."),
 ) -> None:
