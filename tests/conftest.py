@@ -60,6 +60,17 @@ def gpt2_bundle(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path, gpt2_d
 
 
 @pytest.fixture(scope="session")
+def int4_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """The default int4 target (MatMulNBits accuracy_level 4: int8 activations, padded passes) with a shallow draft
+    that inherits the bundle's int4 quantization, and a small n-gram table."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama-int4"
+    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=out, dtype="int4",
+                                       ngram_tokens=256))
+
+
+@pytest.fixture(scope="session")
 def llama_bundle(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
     from specx.exporter.pipeline import ExportRequest, export_bundle
 

@@ -24,13 +24,6 @@ PAST = 30  # committed rows before the chain: longer than a SIMD width, so the o
 
 
 @pytest.fixture(scope="module")
-def int4_bundle(tmp_path_factory, llama_dir) -> Path:
-    """The default int4 target (MatMulNBits accuracy_level 4: int8 activations), an n-gram table, a shallow draft."""
-    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path_factory.mktemp("b") / "q4",
-                                       dtype="int4", ngram_tokens=256))
-
-
-@pytest.fixture(scope="module")
 def chains_only_bundle(int4_bundle, tmp_path_factory) -> Path:
     """The int4 bundle as a real model's export records it: trees not exact, chains exact (the tiny model's trees
     happen to measure exact; SmolLM2-135M's measured 0.5-2.4 logits apart)."""

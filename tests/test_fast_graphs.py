@@ -34,13 +34,6 @@ def _graph(bundle: Path, role: str = "target") -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def int4_bundle(tmp_path_factory, llama_dir) -> Path:
-    """An int4 target with a shallow draft that inherits the bundle's int4 quantization."""
-    return export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path_factory.mktemp("b") / "q4",
-                                       dtype="int4", ngram_tokens=256))
-
-
-@pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, llama_dir) -> Path:
     return export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path_factory.mktemp("b") / "q8",
                                        dtype="int8", ngram_tokens=0))
