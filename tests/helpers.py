@@ -50,14 +50,14 @@ def exact_first_two(gen: Generator, prompt_ids: list[int], sampling: SamplingCon
 
 
 def assert_first_two_tokens_follow_the_model(gen: Generator, mode: str, seed_base: int, draft_choice: str = "auto",
-                                             **kwargs: float) -> None:
+                                             tree_budget: int = 6, **kwargs: float) -> None:
     """Monte Carlo over seeds: the first two tokens of ``mode`` follow the exact distribution of plain sampling,
-    within a total-variation bound derived from the sample size."""
+    within a total-variation bound derived from the sample size. ``tree_budget`` 3 (the depth): chains."""
     prompt = gen.bundle.tokenizer.encode("one two").ids
     p1, p2 = exact_first_two(gen, prompt, SamplingConfig(**kwargs))
     firsts, seconds = np.zeros_like(p1), np.zeros_like(p2)
     for seed in range(SAMPLES):
-        tokens = gen.generate(prompt, max_new_tokens=2, ignore_eos=True, mode=mode, tree_budget=6, tree_depth=3,
+        tokens = gen.generate(prompt, max_new_tokens=2, ignore_eos=True, mode=mode, tree_budget=tree_budget, tree_depth=3,
                               seed=seed_base + seed, draft_choice=draft_choice, **kwargs).tokens
         firsts[tokens[0]] += 1
         seconds[tokens[1]] += 1

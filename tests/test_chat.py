@@ -87,7 +87,8 @@ def test_cli_chat(chat_bundle):
 
 
 @pytest.mark.parametrize("name,mode", [("llama_bundle", "autoregressive"), ("gpt2_bundle", "speculative"),
-                                       ("gpt2_bundle", "staged")])
+                                       ("gpt2_bundle", "staged"), ("int4_bundle", "autoregressive"),
+                                       ("int4_bundle", "ngram")])  # int4: padded passes (contract min_rows 2)
 def test_reused_cache_gives_the_fresh_result(request, name, mode):
     gen = Generator.load(request.getfixturevalue(name), provider="cpu")
     prompt = gen.bundle.tokenizer.encode("one two three four").ids

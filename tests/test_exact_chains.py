@@ -17,7 +17,7 @@ from specx.exporter.pipeline import ExportRequest, export_bundle
 from specx.runtime import Generator, bench
 from specx.runtime.decoding import feed
 from specx.runtime.tree import chain
-from tests.helpers import open_target
+from tests.helpers import assert_first_two_tokens_follow_the_model, open_target
 
 PROMPTS = ("one two three", "def f1(x):", "the quick brown fox")
 PAST = 30  # committed rows before the chain: longer than a SIMD width, so the one-row kernels differ
@@ -125,3 +125,12 @@ def test_padded_rows():
     assert [at_least_two.padded_rows(n) for n in (1, 2, 3, 4)] == [2, 2, 3, 4] and at_least_two.spare_rows == 1
     assert [paired.padded_rows(n) for n in (1, 2, 3, 4, 5)] == [2, 2, 4, 4, 6] and paired.spare_rows == 1
     assert GraphContract.from_dict(paired.to_dict()) == paired
+
+
+@pytest.mark.parametrize("draft_choice", ["top", "sample"])
+def test_sampled_chains_follow_the_model(chains_only_bundle, draft_choice):
+    """Sampling on a chains-only target (rule A over top-token chains, rule B over drawn ones): the first two tokens
+    follow plain sampling's exact distribution."""
+    gen = Generator.load(chains_only_bundle, provider="cpu")
+    assert_first_two_tokens_follow_the_model(gen, "speculative", 7000, draft_choice=draft_choice, tree_budget=3,
+                                             temperature=1.0)
