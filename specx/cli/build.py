@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from specx.cli.common import DType, app, user_errors
+from specx.cli.common import DType, app, needs_extra, user_errors
 from specx.errors import SpecxError
 from specx.progress import terminal_progress
 from specx.runtime.ngram import DEFAULT_SAMPLE_TOKENS
@@ -41,10 +41,8 @@ def export(
 ) -> None:
     """Export a target model (and its draft) into one bundle: graphs, tokenizer, manifest."""
     with user_errors():
-        try:
+        with needs_extra("export", "export"):
             from specx.exporter.pipeline import ExportRequest, export_bundle
-        except ImportError as exc:
-            raise SpecxError(f"export needs the export extra ({exc.name} is missing): pip install 'specx[export]'") from exc
         progress = terminal_progress()
         request = ExportRequest(source, draft, output, dtype.value, opset, ngram_tokens, tuple(ngram_corpus or ()),
                                 quant_accuracy, quant_block)
@@ -87,11 +85,8 @@ def train_draft_command(
 ) -> None:
     """Train a feature draft for the bundle's target (self-distillation, offline) and put it in the bundle."""
     with user_errors():
-        try:
+        with needs_extra("train-draft", "export"):
             from specx.drafttrain.pipeline import TrainDraftRequest, train_draft, training_summary
-        except ImportError as exc:
-            raise SpecxError(f"train-draft needs the export extra ({exc.name} is missing): "
-                             "pip install 'specx[export]'") from exc
         from specx.runtime.bundle import resolve_bundle_dir
 
         if draft_dtype not in DRAFT_BITS:

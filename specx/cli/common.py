@@ -61,6 +61,16 @@ def user_errors() -> Iterator[None]:
         fail("interrupted")
 
 
+@contextlib.contextmanager
+def needs_extra(command: str, extra: str) -> Iterator[None]:
+    """Imports inside: a missing package becomes one error line naming the extra to install."""
+    try:
+        yield
+    except ImportError as exc:
+        raise SpecxError(f"{command} needs the {extra} extra ({exc.name} is missing): "
+                         f"pip install 'specx[{extra}]'") from exc
+
+
 def capped_threads(threads: Optional[int]) -> Optional[int]:
     """--threads, lowered to this machine's cores with a warning (100,000 hung)."""
     from specx.runtime.session import cap_threads

@@ -6,9 +6,8 @@ from typing import Optional
 
 import typer
 
-from specx.cli.common import Mode, Provider, app
+from specx.cli.common import Mode, Provider, app, needs_extra
 from specx.cli.common import user_errors as _user_errors
-from specx.errors import SpecxError
 
 
 @app.command()
@@ -27,8 +26,6 @@ def serve(
     """Serve a bundle over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions (streaming
     too), /v1/models, /health. One request runs at a time; the others wait in a bounded queue."""
     with _user_errors():
-        try:
+        with needs_extra("serve", "serve"):
             from specx.server.app import ServeOptions, serve as serve_bundle
-        except ImportError as exc:
-            raise SpecxError(f"serve needs the serve extra ({exc.name} is missing): pip install 'specx[serve]'") from exc
         serve_bundle(ServeOptions(model, host, port, mode.value, max_queue, provider.value, threads, max_context))
