@@ -25,11 +25,11 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-4, "int4": 1e-4, "fp16-int8"
 # quantized dtypes: measured, not enforced; their unquantized graph is held to its float dtype's tolerance
 # A tree pass must give every node the logits one-token steps give it (what plain decoding computes), within this
 # share of the largest logit, or speculation changes the output. fp32 differs by ~2e-5 of ~20 (summation order);
-# MatMulNBits at accuracy_level 4 (int8 activations) by 0.4-2.4 on SmolLM2-135M: its kernels are row-consistent, but
-# a one-row call (attention's M=1 GEMM; MatMulNBits at blocks over 32) differs from a multi-row one by ~1e-7 and
-# quantizing activations amplifies that. Padding one-row passes (contract.min_rows 2) makes chains bit-exact; trees stay inexact (a
-# node's ancestors sit apart in the pass, so the softmax sums them in another order), and there any difference
-# counts: a tiny model's trees measured 6e-6 apart and still changed a greedy output. accuracy_level 0: 6e-5.
+# MatMulNBits at accuracy_level 4 (int8 activations) by 0.4-2.4 on SmolLM2-135M: a one-row call (attention's M=1
+# GEMM; MatMulNBits at blocks over 32) differs from a multi-row one by ~1e-7 and quantizing activations amplifies
+# that. Padded passes (contract.min_rows / row_multiple) make chains bit-exact; trees stay inexact (a node's
+# ancestors sit apart in the pass, so the softmax sums them in another order), and there any difference counts: a
+# tiny model's trees measured 6e-6 apart and still changed a greedy output. accuracy_level 0: 6e-5.
 ROW_CONSISTENCY = 1e-3
 VALIDATION_PAST = 7
 VALIDATION_TREE_NODES = 9
@@ -41,9 +41,10 @@ class Parity:
     tolerance: float
     provider: str
     tree_vs_steps: float  # max |tree-pass logits - one-token-step logits| over the validation tree's nodes
-    row_consistent: bool  # tree_vs_steps within ROW_CONSISTENCY: speculation keeps plain decoding's output
+    row_consistent: bool  # tree_vs_steps within ROW_CONSISTENCY (0 for padded graphs): trees keep plain decoding's
+                          # output
     chain_vs_steps: float  # the same for a chain of the same tokens
-    chains_exact: bool  # chain_vs_steps within ROW_CONSISTENCY: chains (not trees) keep plain decoding's output
+    chains_exact: bool  # chain_vs_steps within the same bound: chains keep plain decoding's output
 
     def to_dict(self) -> dict[str, float | str | bool]:
         return {"max_abs_logit_diff": self.max_abs_logit_diff, "tolerance": self.tolerance, "provider": self.provider,

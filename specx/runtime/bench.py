@@ -81,8 +81,7 @@ def load_prompts(path: Path | None = None, limit: int | None = None) -> list[Pro
 def supported_modes(gen: Generator) -> list[str]:
     """Staged and n-gram modes run without a sampled table too (the n-gram model counts the context). None where the
     target's tree passes are not exact (they would change the output): such a bundle decodes plainly."""
-    kind = gen.draft_kind
-    if not (kind.exact_trees or kind.exact_chains):
+    if not gen.draft_kind.speculates:
         return []
     return (["speculative", "staged"] if gen.draft is not None else []) + ["ngram"]
 
@@ -225,8 +224,7 @@ def tune(gen: Generator, prompts: Sequence[Prompt], modes: Sequence[str], temper
     plain decoding wins when nothing beats it. ``bars(name, total)``: progress, one step per generation."""
     pool = candidates(modes, temperature > 0, chains_only=gen.draft_kind.chains_only)
     if not pool:
-        kind = gen.draft_kind
-        why = "" if kind.exact_trees or kind.exact_chains else (
+        why = "" if gen.draft_kind.speculates else (
             ": its target's tree passes are not exact (manifest parity tree_vs_steps), so only plain decoding keeps "
             "its output")
         raise InvalidArgumentError(f"nothing to tune: this bundle decodes plainly{why}")

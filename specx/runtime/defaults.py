@@ -44,7 +44,12 @@ class DraftKind:
     exact_trees: bool = True  # the target's tree passes give each node what one-token steps give it (measured at
                               # export: manifest parity row_consistent); without it no mode may verify a tree
     exact_chains: bool = True  # the same for chains (parity chains_exact): with it but not exact_trees, every mode
-                               # verifies chains only (int8-activation targets with two-row attention)
+                               # verifies chains only (int8-activation targets, whose passes are padded)
+
+    @property
+    def speculates(self) -> bool:
+        """Whether any verify pass keeps plain decoding's output (else the bundle decodes plainly)."""
+        return self.exact_trees or self.exact_chains
 
     @property
     def chains_only(self) -> bool:
@@ -78,7 +83,7 @@ def tuned_record(tuning: Mapping[str, Any] | None, sampling: bool) -> dict[str, 
 def resolve_mode(mode: str, sampling: bool, draft: DraftKind) -> str:
     """A concrete mode: ``auto`` as measured best for the bundle's draft; a drafting mode needs a draft model; a
     target whose tree passes are not exact decodes plainly (auto) or refuses the tree modes."""
-    if not (draft.exact_trees or draft.exact_chains):
+    if not draft.speculates:
         if mode == "auto":
             return "autoregressive"
         if mode != "autoregressive":
