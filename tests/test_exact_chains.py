@@ -134,3 +134,22 @@ def test_sampled_chains_follow_the_model(chains_only_bundle, draft_choice):
     gen = Generator.load(chains_only_bundle, provider="cpu")
     assert_first_two_tokens_follow_the_model(gen, "speculative", 7000, draft_choice=draft_choice, tree_budget=3,
                                              temperature=1.0)
+
+
+def test_a_padded_pass_fills_the_cache_to_its_last_row(int4_bundle):
+    """A one-row pass that ends at the cache's last row runs padded into the spare row (not a CapacityError), and
+    gives what the same step gives with room to spare."""
+    from specx.runtime.bundle import Bundle
+    from specx.runtime.generator import _decoder
+    from specx.runtime.session import CACHE_BLOCK
+
+    tokens = np.random.default_rng(3).integers(0, 300, CACHE_BLOCK).astype(np.int64)
+    roomy = open_target(int4_bundle)  # reserves more rows
+    feed(roomy, tokens[:-1])
+    expected = feed(roomy, tokens[-1:])
+    bundle = Bundle.load(int4_bundle)
+    session = _decoder(bundle, bundle.manifest.target, "cpu")
+    session.reserve(CACHE_BLOCK)
+    assert session.capacity == CACHE_BLOCK
+    feed(session, tokens[:-1])
+    assert np.array_equal(feed(session, tokens[-1:]), expected) and session.past_len == CACHE_BLOCK

@@ -423,7 +423,7 @@ def exact_trees(target: ModelEntry) -> bool:
 
 def exact_chains(target: ModelEntry) -> bool:
     """Whether the target's chain passes give each row what one-token steps give it (parity chains_exact: targets
-    with two-row attention); bundles from before the measurement: as their trees."""
+    whose passes are padded); bundles from before the measurement: as their trees."""
     recorded = target.parity.get("chains_exact")
     return exact_trees(target) if recorded is None else bool(recorded)
 

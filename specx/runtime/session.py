@@ -288,12 +288,19 @@ class DecoderSession:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
         rows = self.contract.padded_rows(seq)
-        if rows != seq and not self._extra_inputs:  # a target exact only on padded passes (contract.min_rows)
-            padded = pad_rows(input_ids, position_ids, tree_mask, rows)
-            buffers = self._run(*padded, extra, wanted)
-            self._pending_len, self._pending_ids = seq, self._pending_ids[:seq]  # the dummies are never committed
-            self.outputs = {name: host[:, :seq] for name, host in self.outputs.items()}
-            return {name: (host[:, :seq], value) for name, (host, value) in buffers.items()}  # (batch, seq, ...)
+        if rows == seq or self._extra_inputs:
+            return self._pass(input_ids, position_ids, tree_mask, extra, wanted)
+        # a target exact only on padded passes (contract.min_rows): the dummies may reach the spare rows past the
+        # capacity checked above, and are never committed
+        buffers = self._pass(*pad_rows(input_ids, position_ids, tree_mask, rows), extra, wanted)
+        self._pending_len, self._pending_ids = seq, self._pending_ids[:seq]
+        self.outputs = {name: host[:, :seq] for name, host in self.outputs.items()}
+        return {name: (host[:, :seq], value) for name, (host, value) in buffers.items()}  # (batch, seq, ...)
+
+    def _pass(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+              extra: Mapping[str, np.ndarray] | None, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """Run a pass whose shapes ``_run`` checked: on fixed buffers where its length is a bucket, else bound anew."""
+        seq = input_ids.shape[1]
         if seq in self.fixed_buckets and not self._extra_inputs:
             return self._run_fixed(input_ids, position_ids, tree_mask, wanted)
         io = self._bindings[wanted]
