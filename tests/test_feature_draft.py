@@ -355,6 +355,38 @@ def test_an_int8_draft_graph_is_quantized_and_lossless(feature_bundle: Path, tmp
         assert spec.tokens == plain.tokens and spec.stats.draft_calls > 0
 
 
+@pytest.mark.parametrize("dtype,bits", [("fp16", None), ("fp16-int4", 8)])
+def test_a_draft_for_a_float16_target_is_float16_with_its_static_shapes(predictable_dir: Path, tmp_path: Path,
+                                                                       dtype: str, bits: int | None):
+    """The CUDA formats: the trained draft takes the target's dtype (float16 weights, activations and cache) and
+    static shapes (capacity-wide mask, past_length: what a CUDA graph replays), quantized with float compute; held
+    to the fp16 bound against the trainer, lossless in every tree mode, on fixed buffers too."""
+    import onnx
+    from onnx import TensorProto
+
+    out = tmp_path / dtype
+    export_bundle(ExportRequest(str(predictable_dir), draft="none", output=out, dtype=dtype, ngram_tokens=0))
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=TINY_EPOCHS // 4,
+                                  draft_bits=bits), _step)
+    draft = Bundle.load(out).manifest.draft
+    assert draft.contract.kv_dtype == "float16" and draft.contract.static_shapes
+    graph = onnx.load(str(out / draft.graph), load_external_data=False)
+    floats = {i.data_type for i in graph.graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+    assert floats == {TensorProto.FLOAT16}
+    if bits:
+        assert draft.quantization["activations"] == "float16" and draft.quantization["accuracy_level"] == 0
+        assert draft.parity["unquantized_max_abs_logit_diff"] <= draft.parity["tolerance"]
+    else:
+        assert draft.parity["max_abs_diff"] <= draft.parity["tolerance"]
+        assert draft.parity["max_abs_hidden_diff"] <= draft.parity["hidden_tolerance"]
+    for gen in (Generator.load(out, provider="cpu"), Generator.load(out, provider="cpu", cuda_graphs=True)):
+        for prompt in PROMPTS[:2]:
+            plain = gen.generate(prompt, max_new_tokens=24, mode="autoregressive", ignore_eos=True)
+            for mode in ("speculative", "staged"):
+                spec = gen.generate(prompt, max_new_tokens=24, mode=mode, ignore_eos=True)
+                assert spec.tokens == plain.tokens and spec.stats.draft_calls > 0, (mode, prompt)
+
+
 def test_train_draft_records_the_files_it_writes(feature_bundle: Path):
     manifest = Bundle.load(feature_bundle).manifest
     assert set(manifest.files) == {p.name for p in feature_bundle.iterdir()} - {"manifest.json"}

@@ -65,8 +65,10 @@ def train_draft_command(
     device: str = typer.Option("auto", help="Where torch trains: auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed for data and initialisation."),
     draft_dtype: str = typer.Option("int8", help="Draft graph weights: int8 or int4 weight-only quantized "
-                                                 "(MatMulNBits, as --dtype int8|int4 of export), or fp32. int8 "
-                                                 "measured half the draft's cost of fp32 at the same tau."),
+                                                 "(MatMulNBits, as --dtype int8|int4 of export), or fp32 (not "
+                                                 "quantized). Activations and cache follow the target: float16 "
+                                                 "on fp16* bundles. int8 measured half the draft's cost of fp32 "
+                                                 "at the same tau."),
     cache: bool = typer.Option(True, help="Keep the work directory after success, so that training again (other "
                                           "--epochs, --draft-vocab or a smaller --tokens) skips writing the data."),
     work_dir: Optional[Path] = typer.Option(None, help="Where the phases keep their shards, manifests and "

@@ -43,12 +43,14 @@ from specx.exporter.adapters import adapter_for
 from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path
 from specx.exporter.pipeline import export_model, with_records
 from specx.exporter.sources import load_source
+from specx.exporter.validate import TOLERANCE
 from specx.graphs.builder import save_with_external_data
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
 from specx.graphs.feature_draft import build_feature_draft
 from specx.graphs.helpers import write_kv_commit
 from specx.graphs.passes import embed_contract, weight_bytes
-from specx.graphs.quantize import ACCURACY_LEVEL, BLOCK_SIZE, SUPPORTED_BITS, quantize_built, scheme, unquantized_path
+from specx.graphs.quantize import (ACCURACY_LEVEL, BLOCK_SIZE, EXACT_ACCURACY_LEVEL, SUPPORTED_BITS, quantize_built, scheme,
+                                   unquantized_path)
 from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
 from specx.runtime.session import DecoderSession, open_session
@@ -372,15 +374,18 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
 def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target_spec: ArchitectureSpec,
                          target_contract: GraphContract, staging: Path, training: dict,
                          bits: int | None = None) -> ModelEntry:
-    """draft.onnx (+ data), its KV-commit helper and the vocabulary map; parity with the torch draft checked (on the
-    float32 graph; a weight-quantized one, ``bits`` 8 or 4, is then measured against it, not held to it)."""
+    """draft.onnx (+ data), its KV-commit helper and the vocabulary map, in the target's dtype and shapes (a float16
+    target: a float16 draft with static shapes, quantized with float compute as the CUDA formats are); parity with
+    the torch draft checked (on the unquantized graph; a weight-quantized one, ``bits`` 8 or 4, is then measured
+    against it, not held to it)."""
     spec = ArchitectureSpec(model_type="specx-feature-draft", num_layers=len(draft.layers),
                             hidden_size=target_spec.hidden_size,
                             num_heads=draft.num_heads, num_kv_heads=draft.num_kv_heads, head_dim=draft.head_dim,
                             vocab_size=int(vocab_map.size), max_positions=target_spec.max_positions,
                             position_encoding="rope", tied_embeddings=False)
     contract = GraphContract.feature_draft(spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.hidden_size,
-                                           target_contract.feature_width, "float32", spec.num_layers)
+                                           target_contract.feature_width, target_contract.kv_dtype, spec.num_layers,
+                                           static_shapes=target_contract.static_shapes)
     path = staging / DRAFT_GRAPH
     built = unquantized_path(path) if bits else path
     graph = build_feature_draft(spec, draft.to_weights(), contract, DEFAULT_OPSET)
@@ -389,13 +394,25 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
     write_kv_commit(contract, commit_path(path))
     parity = draft_parity(draft, built, commit_path(path), contract)
     if bits:
-        quantize_built(path, bits, contract)
+        quantize_built(path, bits, contract, draft_accuracy(contract))
         quantized = draft_parity(draft, path, commit_path(path), contract, enforce=False)
         parity = {**quantized, "unquantized_max_abs_logit_diff": parity["max_abs_diff"]}  # as export names it
     np.save(staging / VOCAB_FILE, vocab_map.astype(np.int64))
     return ModelEntry(role="draft", source="specx train-draft", graph=path.name, kv_commit=commit_path(path).name,
                       architecture=spec, contract=contract, weight_bytes=weight_bytes(path), parity=parity,
-                      vocab_map=VOCAB_FILE, training=dict(training), quantization=scheme(bits) if bits else None)
+                      vocab_map=VOCAB_FILE, training=dict(training), quantization=scheme(bits, contract.kv_dtype, draft_accuracy(contract)) if bits else None)
+
+
+def draft_accuracy(contract: GraphContract) -> int:
+    """MatMulNBits' accuracy level for a quantized draft: int8 compute (the CPU kernels' fast path) for float32
+    activations, float compute for float16 ones (the CUDA kernels' format, as the fp16-int8/-int4 targets)."""
+    return EXACT_ACCURACY_LEVEL if contract.kv_dtype == "float16" else ACCURACY_LEVEL
+
+
+def parity_tolerance(contract: GraphContract) -> float:
+    """|ORT - torch| allowed, relative to max(1, the output's largest |value|): float16 graphs are held to the fp16
+    targets' bound."""
+    return TOLERANCE["fp16"] if contract.kv_dtype == "float16" else PARITY_TOLERANCE
 
 
 def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, contract: GraphContract,
@@ -426,12 +443,17 @@ def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, con
                                        torch.from_numpy(both.attention_mask(0)[:, :, :, :]))
     got_logits = np.concatenate([logits_1, logits_2], axis=1)
     got_hidden = np.concatenate([hidden_1, hidden_2], axis=1)
-    diff = max(float(np.abs(got_logits - ref_logits.numpy()).max()),
-               float(np.abs(got_hidden - ref_hidden.numpy()).max()))
-    tolerance = PARITY_TOLERANCE * max(1.0, float(np.abs(ref_logits.numpy()).max()))
-    if enforce and diff > tolerance:
-        raise ExportError(f"the draft graph differs from the trained draft by {diff:.3g} (tolerance {tolerance:.3g})")
-    return {"max_abs_diff": diff, "tolerance": tolerance, "provider": "cpu"}
+    logit_diff = float(np.abs(got_logits - ref_logits.numpy()).max())
+    hidden_diff = float(np.abs(got_hidden - ref_hidden.numpy()).max())
+    bound = parity_tolerance(contract)  # each output against its own scale: hidden states run ~10x the logits
+    tolerance = bound * max(1.0, float(np.abs(ref_logits.numpy()).max()))
+    hidden_tolerance = bound * max(1.0, float(np.abs(ref_hidden.numpy()).max()))
+    if enforce and not (logit_diff <= tolerance and hidden_diff <= hidden_tolerance):  # also catches NaN
+        raise ExportError(f"the draft graph differs from the trained draft by {logit_diff:.3g} in logits (tolerance "
+                          f"{tolerance:.3g}) and {hidden_diff:.3g} in hidden states (tolerance "
+                          f"{hidden_tolerance:.3g})")
+    return {"max_abs_diff": logit_diff, "tolerance": tolerance, "max_abs_hidden_diff": hidden_diff,
+            "hidden_tolerance": hidden_tolerance, "provider": "cpu"}
 
 
 def _held_out_tau(bundle_dir: Path, held_out: DistillationSet) -> float:

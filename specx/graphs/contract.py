@@ -156,9 +156,12 @@ class GraphContract:
 
     @classmethod
     def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
-                      kv_dtype: str, num_layers: int = 1, top_k: int = DRAFT_TOP_K) -> "GraphContract":
+                      kv_dtype: str, num_layers: int = 1, top_k: int = DRAFT_TOP_K,
+                      static_shapes: bool = False) -> "GraphContract":
+        """A trained feature draft's graph; ``kv_dtype`` and ``static_shapes`` follow its target's (features and
+        hidden states cross as float32 whatever the cache's dtype)."""
         _check_kv_dtype(kv_dtype)
-        inputs = _token_inputs() + [TensorSpec(FEATURES, "float32", ("batch", "feature_rows", feature_width)),
+        inputs = _token_inputs(static_shapes) + [TensorSpec(FEATURES, "float32", ("batch", "feature_rows", feature_width)),
                                     TensorSpec(HIDDEN, "float32", ("batch", "hidden_rows", hidden_size))]
         outputs = [TensorSpec(LOGITS, "float32", ("batch", "seq", draft_vocab)),
                    TensorSpec(HIDDEN_STATES, "float32", ("batch", "seq", hidden_size))] + _top_outputs(top_k, draft_vocab)

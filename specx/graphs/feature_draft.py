@@ -14,6 +14,11 @@ gains are folded into the fuse matrix)
     sum    -> hidden_states (batch, seq, hidden)         what the next tree level reads as ``hidden``
     normed -> MatMul(head) -> logits (batch, seq, draft_vocab)
 
+In the target's dtype: a float16 target (the CUDA formats) gets a float16 draft (weights, activations, cache) with
+the target's static shapes (a capacity-wide mask and ``past_length``: what a CUDA graph replays); its float32
+``features`` / ``hidden`` inputs are cast to float16 on entry and ``logits`` / ``hidden_states`` back to float32, so
+the contract and the runtime are the same for every dtype.
+
 The layer is llama-style (RMSNorm, rotary, SwiGLU) whatever the target's family: one trainer, one graph path. Row t
 of a pass predicts the token after ``input_ids[t]`` from that token's embedding and the state *before* it (the
 target's features at position t - 1, or the parent node's ``hidden_states``).
@@ -25,11 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from specx.graphs.builder import GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
 from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs,
-                                  _linear, _mlp, _norm, _skip_norm, graph_opset, top_tokens, uses_gqa)
+                                  _linear, _mlp, _norm, _skip_norm, _static_attention_inputs, graph_opset, top_tokens,
+                                  uses_gqa)
 from specx.graphs.architecture import ArchitectureSpec
 
 DRAFT_NORM_EPS = 1e-5
@@ -58,17 +65,23 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
                         opset: int, eps: float = DRAFT_NORM_EPS) -> onnx.ModelProto:
     """``arch``: the draft layers' sizes (rope)."""
     family = draft_family(eps)
-    b = GraphBuilder("specx_feature_draft", "float32")
-    attention = _attention_inputs(b, "float32", committed_length=not uses_gqa(arch))
+    float_dtype = contract.kv_dtype
+    b = GraphBuilder("specx_feature_draft", float_dtype)
+    if contract.static_shapes:
+        if not uses_gqa(arch):
+            raise ValueError(f"a static-shape draft needs GroupQueryAttention (head_dim {arch.head_dim})")
+        attention = _static_attention_inputs(b, float_dtype, ())
+    else:
+        attention = _attention_inputs(b, float_dtype, committed_length=not uses_gqa(arch))
     hidden = weights.embed.shape[1]
-    chunks = b.op1("Reshape", [FEATURES, b.constant("/draft/constants/chunk_shape",
+    chunks = b.op1("Reshape", [_to_graph_dtype(b, FEATURES), b.constant("/draft/constants/chunk_shape",
                                                     np.array([0, 0, weights.feature_chunks, hidden], np.int64))],
                    "/draft/features/Reshape")  # (batch, feature_rows, chunks, hidden)
     normed = _rms(b, "/draft/feature_norm", chunks, np.ones(hidden, np.float32), eps)
     flat = b.op1("Reshape", [normed, b.constant("/draft/constants/flat_shape", np.array([0, 0, weights.feature_chunks * hidden], np.int64))],
                  "/draft/features/Reshape_1")
     fused = b.op1("MatMul", [flat, b.weight("draft.fuse.weight", weights.fuse.weight)], "/draft/fuse/MatMul")
-    state = b.op1("Concat", [fused, HIDDEN], "/draft/state/Concat", axis=1)  # (batch, seq, hidden)
+    state = b.op1("Concat", [fused, _to_graph_dtype(b, HIDDEN)], "/draft/state/Concat", axis=1)  # (batch, seq, hidden)
     state = _rms(b, "/draft/state_norm", state, weights.state_norm.weight, eps)
     embed = b.op1("Gather", [b.weight("model.embed_tokens.weight", weights.embed), INPUT_IDS],
                   "/model/embed_tokens/Gather")
@@ -88,12 +101,25 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
                                  weights.final_norm if last else layers[i + 1].attn_norm, h, residual,
                                  layer.down.bias)
     normed, out = x, residual
-    b.rename_output(out, HIDDEN_STATES)
+    b.rename_output(_to_float32(b, out, "/draft/hidden_states/Cast"), HIDDEN_STATES)
     logits = b.op1("MatMul", [normed, b.weight("lm_head.weight", weights.head)], "/lm_head/MatMul")
+    logits = _to_float32(b, logits, "/lm_head/Cast")
     if contract.top_k:
         top_tokens(b, logits, contract.top_k)
     b.rename_output(logits, LOGITS)
     return b.model(contract.inputs, contract.outputs, graph_opset(arch, opset))
+
+
+def _to_graph_dtype(b: GraphBuilder, name: str) -> str:
+    """A float32 input (features, hidden) in the graph's dtype: cast where that is float16."""
+    if b.float_dtype == np.float32:
+        return name
+    return b.op1("Cast", [name], f"/draft/{name}/Cast", to=TensorProto.FLOAT16)
+
+
+def _to_float32(b: GraphBuilder, tensor: str, node: str) -> str:
+    """An output (logits, hidden_states) back to the contract's float32."""
+    return tensor if b.float_dtype == np.float32 else b.op1("Cast", [tensor], node, to=TensorProto.FLOAT)
 
 
 def _rms(b: GraphBuilder, prefix: str, x: str, gamma: np.ndarray, eps: float) -> str:
