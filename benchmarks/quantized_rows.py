@@ -5,9 +5,12 @@
                                         [--profile]
 
 SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.sh). Variants:
-    int{4,8}-b{32,64,128,256}[-l{0,4}][-chains]
-                                         MatMulNBits, block size, accuracy level (default 4); -chains: passes
-                                         padded as export pads them at accuracy 4 (exact chains)
+    int{4,8}-b{32,64,128,256}[-l{0,4}][-chains|-rowpad]
+                                         MatMulNBits, block size, accuracy level (default 4); -chains: padded as
+                                         export pads them at accuracy 4 (exact chains: a dummy attention row in the
+                                         graph where MatMulNBits computes rows alike, whole passes padded by the
+                                         runtime elsewhere); -rowpad: one-row passes padded by the runtime to two
+                                         rows whatever the block (what export did before the attention row)
     q8row, q7row                         int8 (7-bit for q7row) weights (per column) x int8 activations quantized per
                                          row in the graph
                                          (ReduceMax -> Div, Round, +128, Cast uint8 -> MatMulIntegerToFloat -> Mul):
@@ -48,9 +51,10 @@ INT8_MAX = 127.0
 INT7_MAX = 63.0  # q7row: weights in [-63, 63]
 
 
-def build_float_graph(source: str, work: Path) -> tuple[Path, dict]:
-    """The fp32 target graph with its own lm_head (quantizable), built once, its rotary tables one row longer (what
-    padded passes need; the -chains variants)."""
+def build_float_graphs(source: str, work: Path) -> tuple[dict[bool, Path], dict]:
+    """The fp32 target graph with its own lm_head (quantizable), built once without and once with the dummy
+    attention row (``padded_attention``; the in-graph -chains variants), rotary tables one row longer in both (what
+    padded passes need)."""
     from specx.exporter.adapters import adapter_for
     from specx.exporter.onnx_export import export_decoder
     from specx.exporter.sources import load_source
@@ -58,21 +62,36 @@ def build_float_graph(source: str, work: Path) -> tuple[Path, dict]:
 
     loaded = load_source(source, "fp32")
     adapter = adapter_for(loaded.model.config)
-    path = work / "fp32.onnx"
-    contract = export_decoder(adapter, loaded.model, path, "float32", head="own", min_rows=EXACT_MIN_ROWS)
-    return path, contract.to_dict()
+    paths = {False: work / "fp32.onnx", True: work / "fp32-attnpad.onnx"}
+    contract = export_decoder(adapter, loaded.model, paths[False], "float32", head="own", min_rows=EXACT_MIN_ROWS)
+    export_decoder(adapter, loaded.model, paths[True], "float32", head="own", padded_attention=True)
+    return paths, contract.to_dict()
+
+
+def in_graph_padding(name: str) -> bool:
+    """Whether a variant runs the graph with the dummy attention row (-chains where MatMulNBits computes rows
+    alike, as export chooses)."""
+    from specx.exporter.pipeline import pairs_rows
+
+    if not name.endswith("-chains"):
+        return False
+    parts = name.split("-")
+    return not pairs_rows(int(parts[0][3:]), int(parts[1][1:]))
 
 
 def variant_contract(name: str, contract: dict) -> dict:
-    """The contract a variant runs with: -chains pads passes as export does for its bits and block; others not."""
-    from specx.exporter.pipeline import pairs_rows
+    """The contract a variant runs with: -chains pads as export does for its bits and block, -rowpad pads one-row
+    passes in the runtime; others not."""
     from specx.graphs.contract import EXACT_MIN_ROWS, EXACT_ROW_MULTIPLE
 
+    plain = {**contract, "min_rows": 1, "row_multiple": 1, "padded_attention": False}
+    if name.endswith("-rowpad"):
+        return {**plain, "min_rows": EXACT_MIN_ROWS}
     if not name.endswith("-chains"):
-        return {**contract, "min_rows": 1, "row_multiple": 1}
-    parts = name.split("-")
-    paired = pairs_rows(int(parts[0][3:]), int(parts[1][1:]))
-    return {**contract, "min_rows": EXACT_MIN_ROWS, "row_multiple": EXACT_ROW_MULTIPLE if paired else 1}
+        return plain
+    if in_graph_padding(name):
+        return {**plain, "padded_attention": True}
+    return {**plain, "min_rows": EXACT_MIN_ROWS, "row_multiple": EXACT_ROW_MULTIPLE}
 
 
 def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int) -> None:
@@ -136,7 +155,7 @@ def make_variant(name: str, fp32: Path, work: Path) -> Path:
     if name in ("q8row", "q7row"):
         q8row(fp32, dst, INT8_MAX if name == "q8row" else INT7_MAX)
         return dst
-    parts = [p for p in name.split("-") if p != "chains"]  # int4-b32[-l4][-chains]
+    parts = [p for p in name.split("-") if p not in ("chains", "rowpad")]  # int4-b32[-l4][-chains|-rowpad]
     bits, block = int(parts[0][3:]), int(parts[1][1:])
     level = int(parts[2][1:]) if len(parts) > 2 else 4
     matmulnbits(fp32, dst, bits, block, level)
@@ -227,9 +246,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")
     rows_list = tuple(int(r) for r in args.rows.split(","))
-    fp32, contract = build_float_graph(args.source, work)
-    paths = {name: make_variant(name, fp32, work) for name in names}
-    decoders = {name: decoder(path, fp32, variant_contract(name, contract), args.threads)
+    graphs, contract = build_float_graphs(args.source, work)
+    paths = {name: make_variant(name, graphs[in_graph_padding(name)], work) for name in names}
+    decoders = {name: decoder(path, graphs[in_graph_padding(name)], variant_contract(name, contract), args.threads)
                 for name, path in paths.items()}
     rng = np.random.default_rng(0)
     passes = {rows: chain(rows) for rows in rows_list}

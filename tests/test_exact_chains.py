@@ -1,6 +1,7 @@
-"""Exact chains on int8-activation targets: with every pass two rows at least (one-row passes padded), a chain pass
-gives each row, bit for bit, what one-token steps give it, and a target whose trees are not exact speculates with
-chains instead of decoding plainly."""
+"""Exact chains on int8-activation targets: with attention run on two rows at least (a dummy row inside the graph at
+block 32; one-row passes padded by the runtime at larger blocks), a chain pass gives each row, bit for bit, what
+one-token steps give it, and a target whose trees are not exact speculates with chains instead of decoding
+plainly."""
 
 from __future__ import annotations
 
@@ -35,15 +36,29 @@ def chains_only_bundle(int4_bundle, tmp_path_factory) -> Path:
     return copy
 
 
-def test_int8_activation_targets_pad_one_row_passes(int4_bundle):
+def test_int8_activation_targets_pad_attention_in_the_graph(int4_bundle):
+    """Block 32 (MatMulNBits computes every row alike): the graph runs attention on one dummy row more, so the runtime
+    pads nothing and a one-token step is still one row through the matmuls."""
     manifest = json.loads((int4_bundle / "manifest.json").read_text())
     target, draft = manifest["target"], manifest["draft"]
-    assert target["contract"]["min_rows"] == 2 and draft["contract"]["min_rows"] == 1  # drafts need no exactness
-    assert target["contract"]["row_multiple"] == 1  # block 32: MatMulNBits computes an odd last row like the others
+    assert target["contract"]["padded_attention"] is True and not draft["contract"]["padded_attention"]
+    assert target["contract"]["min_rows"] == 1 and target["contract"]["row_multiple"] == 1
     graph = onnx.load(str(int4_bundle / "target.onnx"), load_external_data=False)
+    layers = target["architecture"]["num_layers"]
+    assert sum(n.op_type == "Pad" and "/attn/pad_" in n.name for n in graph.graph.node) == layers
+    assert sum(n.name.endswith("/attn/pad/Slice") for n in graph.graph.node) == layers
     cos = next(i for i in graph.graph.initializer if i.name == "model.rotary.cos_cache")
-    assert cos.dims[0] == target["architecture"]["max_positions"] + 1  # a padded pass at the end reaches one past
+    assert cos.dims[0] == target["architecture"]["max_positions"] + 1  # the dummy row at the end reaches one past
     assert target["parity"]["chains_exact"] is True and target["parity"]["chain_vs_steps"] == 0.0
+    session = open_target(int4_bundle)
+    assert session.contract.padded_rows(1) == 1 and session.contract.spare_rows == 1
+
+
+def test_larger_blocks_pad_whole_passes_in_the_runtime(llama_dir, tmp_path):
+    out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "b64", dtype="int4",
+                                      ngram_tokens=0, quant_block=64))
+    contract = json.loads((out / "manifest.json").read_text())["target"]["contract"]
+    assert contract["min_rows"] == 2 and contract["row_multiple"] == 2 and not contract["padded_attention"]
 
 
 @pytest.mark.parametrize("dtype,accuracy", [("fp32", None), ("int4", 0)])
@@ -125,6 +140,12 @@ def test_padded_rows():
     assert [at_least_two.padded_rows(n) for n in (1, 2, 3, 4)] == [2, 2, 3, 4] and at_least_two.spare_rows == 1
     assert [paired.padded_rows(n) for n in (1, 2, 3, 4, 5)] == [2, 2, 4, 4, 6] and paired.spare_rows == 1
     assert GraphContract.from_dict(paired.to_dict()) == paired
+    in_graph = GraphContract.decoder(2, 2, 16, 100, "float32", padded_attention=True)
+    assert [in_graph.padded_rows(n) for n in (1, 2, 3)] == [1, 2, 3] and in_graph.spare_rows == 1
+    assert in_graph.padded and paired.padded and not plain.padded
+    assert GraphContract.from_dict(in_graph.to_dict()) == in_graph
+    older = {k: v for k, v in in_graph.to_dict().items() if k != "padded_attention"}  # manifests before the field
+    assert GraphContract.from_dict(older).padded_attention is False
 
 
 @pytest.mark.parametrize("draft_choice", ["top", "sample"])

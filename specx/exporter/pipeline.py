@@ -183,7 +183,9 @@ def pads_passes(bits: int | None, accuracy_level: int, static: bool) -> bool:
     """Padded passes for a target whose weight-quantized matmuls compute in int8 on the CPU: they amplify the ~1e-7
     by which ONNX Runtime's one-row kernels (attention's M=1 GEMM; see ``pairs_rows``) differ from its multi-row ones
     to ~1 logit; with every pass padded, a chain pass gives each row what one-token steps give it, bit for bit
-    (exact chains; measured at export: parity chains_exact)."""
+    (exact chains; measured at export: parity chains_exact). Where MatMulNBits computes every row alike (blocks up
+    to ``pairs_rows``'s), the graph pads attention alone (``contract.padded_attention``: a one-token step costs what
+    it did); elsewhere the runtime pads whole passes (``min_rows``, ``row_multiple``)."""
     return bool(bits) and accuracy_level >= INT8_COMPUTE_LEVEL and not static
 
 
@@ -205,13 +207,15 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     built = unquantized_path(path) if bits else path
     static = static_shapes(precision, adapter)
     padded = role == "target" and pads_passes(bits, accuracy_level, static)
-    min_rows = EXACT_MIN_ROWS if padded else 1
-    row_multiple = EXACT_ROW_MULTIPLE if padded and pairs_rows(bits, block_size) else 1
+    paired = padded and pairs_rows(bits, block_size)
+    in_graph = padded and not paired and uses_gqa(adapter.spec)  # the graph pads attention alone: steps cost no more
+    min_rows = EXACT_MIN_ROWS if padded and not in_graph else 1
+    row_multiple = EXACT_ROW_MULTIPLE if paired else 1
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
                                   feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0,
                                   static_shapes=static, min_rows=min_rows,
-                                  row_multiple=row_multiple)
+                                  row_multiple=row_multiple, padded_attention=in_graph)
     with progress(f"validating the {role} graph against PyTorch"):
         parity = validate_decoder(adapter, loaded.model, contract, built, precision.float_name).to_dict()
     if bits:

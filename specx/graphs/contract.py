@@ -28,9 +28,11 @@ Decoder graph (target and draft)::
     present.{i}.key / .value
                    kv     (batch, kv_heads, capacity, head_dim)   the same buffer (bound as input and output):
                                                                   this pass's K/V written in place at [past, total)
-    ``min_rows`` (2 on targets whose quantized matmuls compute in int8) and ``row_multiple`` (2 where their kernels
-    also compute an odd last row apart): the runtime pads a pass to at least min_rows rows, a multiple of
-    row_multiple, with dummy rows (never committed); the cache and rotary tables hold ``spare_rows`` rows more
+    ``padded_attention`` (targets whose quantized matmuls compute in int8, at blocks whose rows are computed alike):
+    the graph runs attention on one dummy row more than the pass, so that no call is a one-row call; ``min_rows``
+    (2 where the graph does not) and ``row_multiple`` (2 where the matmul kernels also compute an odd last row
+    apart): the runtime pads a pass to at least min_rows rows, a multiple of row_multiple, with dummy rows (never
+    committed); the cache and rotary tables hold ``spare_rows`` rows more for either
 
 Feature draft graph (one decoder layer that reads the target's features, EAGLE-style)::
 
@@ -129,16 +131,19 @@ class GraphContract:
     hidden_size: int = 0  # feature draft: width of its hidden input and hidden_states output
     min_rows: int = 1  # decoder: the fewest rows a pass computes exactly; shorter passes are padded (module doc)
     row_multiple: int = 1  # decoder: passes are padded to a multiple of this many rows (module doc)
+    padded_attention: bool = False  # decoder: attention runs one dummy row more, inside the graph (module doc)
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def decoder(cls, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
                 feature_layers: tuple[int, ...] = (), hidden_size: int = 0, top_k: int = 0,
-                static_shapes: bool = False, min_rows: int = 1, row_multiple: int = 1) -> "GraphContract":
+                static_shapes: bool = False, min_rows: int = 1, row_multiple: int = 1,
+                padded_attention: bool = False) -> "GraphContract":
         """``feature_layers`` (with the model's ``hidden_size``) adds the features output a feature draft reads;
         ``top_k`` (drafts) the top tokens and probabilities of each row; ``static_shapes`` a capacity-wide mask and
         the committed length as an input (the shapes a CUDA graph can replay); ``min_rows`` and ``row_multiple``
-        the rows the runtime pads a pass to (see the module doc)."""
+        the rows the runtime pads a pass to, ``padded_attention`` the graph's own dummy attention row (see the
+        module doc)."""
         _check_kv_dtype(kv_dtype)
         if min_rows < 1 or row_multiple < 1:
             raise ContractError(f"min_rows and row_multiple must be >= 1, got {min_rows} and {row_multiple}")
@@ -152,7 +157,8 @@ class GraphContract:
             outputs.append(TensorSpec(FEATURES, "float32", ("batch", "seq", width)))
         inputs, outputs = _with_cache(inputs, outputs, num_layers, num_kv_heads, head_dim, kv_dtype)
         return cls(DECODER, num_layers, num_kv_heads, head_dim, vocab_size, kv_dtype, inputs, outputs,
-                   tuple(feature_layers), width, hidden_size if feature_layers else 0, min_rows, row_multiple)
+                   tuple(feature_layers), width, hidden_size if feature_layers else 0, min_rows, row_multiple,
+                   padded_attention)
 
     @classmethod
     def feature_draft(cls, num_kv_heads: int, head_dim: int, draft_vocab: int, hidden_size: int, feature_width: int,
@@ -189,7 +195,12 @@ class GraphContract:
     @property
     def spare_rows(self) -> int:
         """Rows a padded pass may write past the context (cache and rotary tables hold them besides)."""
-        return max(self.min_rows, self.row_multiple) - 1
+        return max(self.min_rows, self.row_multiple) - 1 + int(self.padded_attention)
+
+    @property
+    def padded(self) -> bool:
+        """Whether passes are padded (by the runtime or inside the graph) so that chains are bitwise exact."""
+        return self.min_rows > 1 or self.row_multiple > 1 or self.padded_attention
 
     def padded_rows(self, seq: int) -> int:
         """The rows a pass of ``seq`` runs with: at least ``min_rows``, a multiple of ``row_multiple``."""
@@ -240,6 +251,7 @@ class GraphContract:
             "hidden_size": self.hidden_size,
             "min_rows": self.min_rows,
             "row_multiple": self.row_multiple,
+            "padded_attention": self.padded_attention,
         }
 
     @classmethod
@@ -265,6 +277,7 @@ class GraphContract:
                 hidden_size=int(d.get("hidden_size") or 0),
                 min_rows=int(d.get("min_rows") or 1),
                 row_multiple=int(d.get("row_multiple") or 1),
+                padded_attention=bool(d.get("padded_attention", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"malformed graph contract ({exc!r}); re-export the bundle") from exc

@@ -11,12 +11,13 @@ One graph per model, the contract of ``specx.graphs.contract`` (static KV: past 
     SkipNorm(h, residual) -> MatMul(lm_head) [-> Div, Tanh, Mul: final softcap] -> logits -ArgMax-> next_tokens
     Concat(inputs of the contract's feature layers) -> features           (targets of a feature draft only)
 
-Padded passes (``contract.min_rows`` 2 and, at MatMulNBits blocks over 32, ``row_multiple`` 2: quantized CPU
-targets): the runtime pads a pass with dummy rows (tree.pad_rows), because ONNX Runtime's CPU kernels compute a
-one-row call otherwise than a multi-row one (MLAS's M=1 GEMM inside GroupQueryAttention) and MatMulNBits computes
-the odd last row of a call with its one-row kernel at blocks over 32: ~1e-7 apart, which int8-activation matmuls
-amplify to ~1 logit. The graph only carries rotary tables ``contract.spare_rows`` longer (a padded pass at the end of
-the context reaches past it).
+Padded passes (quantized CPU targets): ONNX Runtime's CPU kernels compute a one-row call otherwise than a multi-row
+one (MLAS's M=1 GEMM inside GroupQueryAttention) and MatMulNBits computes the odd last row of a call with its
+one-row kernel at blocks over 32: ~1e-7 apart, which int8-activation matmuls amplify to ~1 logit. At blocks up to 32
+the graph runs attention on one zero row more than the pass (``contract.padded_attention``, ``_pad_attention``), so a
+one-token step is two rows in attention only; at larger blocks the runtime pads whole passes with dummy rows
+(``contract.min_rows`` 2, ``row_multiple`` 2; tree.pad_rows). Rotary tables are ``contract.spare_rows`` longer (a
+padded pass at the end of the context reaches past it).
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
 that feed a residual (o_proj, down_proj) ride in the following SkipNorm's bias input.
@@ -28,7 +29,7 @@ sliding window and rotary table) and ``DecoderWeights`` (the arrays). Each featu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -136,6 +137,8 @@ class _Attention:
     window_bias: dict[int, str]  # window -> the bias with the sliding window applied too
     past_length: str = ""  # (batch,) int64: rows already committed (the ONNX Attention path writes there)
     rows_past: str = ""  # (1,) int64: the same, as Slice's end (the ONNX Attention path)
+    positions: str = POSITION_IDS  # (batch, seq [+ 1]) int64: what fused rotary reads
+    rows: str = ""  # (1,) int64: the pass's rows, where attention runs one dummy row more (``_pad_attention``)
 
     def bias_for(self, kind: LayerKind) -> str:
         return self.bias if kind.window is None else self.window_bias[kind.window]
@@ -163,6 +166,11 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
         attention = _static_attention_inputs(b, float_dtype, family.windows)
     else:
         attention = _attention_inputs(b, float_dtype, family.windows, committed_length=not uses_gqa(arch))
+    if contract.padded_attention:
+        if not uses_gqa(arch):
+            raise ValueError(f"padded attention needs GroupQueryAttention (head_dim {arch.head_dim} is not a "
+                             f"multiple of {GQA_HEAD_MULTIPLE})")
+        attention = _pad_attention(b, attention)
     h = _embeddings(b, arch, family, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
@@ -247,6 +255,40 @@ def _mask_bias(b: GraphBuilder, float_dtype: str) -> tuple[str, str, str, str, s
                   "/model/attn_mask/total/Gather")  # () int64
     width32 = b.op1("Cast", [width], "/model/attn_mask/total/Cast", to=TensorProto.INT32)
     return zero, blocked, bias, width, width32
+
+
+def _pad_attention(b: GraphBuilder, a: _Attention) -> _Attention:
+    """Attention over one dummy row more than the pass (``contract.padded_attention``): ONNX Runtime's CPU
+    GroupQueryAttention computes probabilities x V with MLAS's one-row GEMM kernel for a one-row call, ~1e-7 from
+    what a multi-row call gives the same row, which int8-activation matmuls amplify to ~1 logit; with a dummy row
+    every call has two rows or more, so a chain pass gives each row what one-token steps give it, bit for bit, and
+    the rest of the graph (row-consistent MatMulNBits at blocks up to 32) still runs the pass's own rows::
+
+        bias (batch, 1, seq, total) -Pad(blocked: a row and a column)-> (batch, 1, seq + 1, total + 1)
+        seqlens_k + 1, total + 1;  position_ids -Concat(last + 1)-> (batch, seq + 1)
+        per layer: q[, k, v] -Pad(a zero row)-> GroupQueryAttention -Slice(rows [0, seq))-> out
+
+    The dummy row attends to nothing real (its own row is blocked too: its output is discarded) and no real row
+    attends to it; its K/V land in the cache row after the pass (a spare row: ``contract.spare_rows``), which the
+    next pass overwrites."""
+    pads = b.constant("/model/attn_pad/bias_pads", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64))
+    blocked = "/model/constants/blocked"
+
+    def pad_bias(name: str, bias: str) -> str:
+        return b.op1("Pad", [bias, pads, blocked], f"/model/attn_pad/{name}/Pad")
+
+    one32 = b.constant("/model/attn_pad/one_i32", np.array(1, np.int32))
+    one = b.constant("/model/attn_pad/one", np.array([1], np.int64))
+    last = b.op1("Slice", [POSITION_IDS, b.constant("/model/attn_pad/minus_one", np.array([-1], np.int64)),
+                           b.constant("/model/attn_pad/end", np.array([np.iinfo(np.int64).max], np.int64)), one],
+                 "/model/attn_pad/positions/Slice")  # (batch, 1)
+    after = b.op1("Add", [last, one], "/model/attn_pad/positions/Add")
+    return replace(a, bias=pad_bias("bias", a.bias),
+                   window_bias={w: pad_bias(f"window_{w}", bias) for w, bias in a.window_bias.items()},
+                   seqlens_k=b.op1("Add", [a.seqlens_k, one32], "/model/attn_pad/seqlens_k/Add"),
+                   total_length=b.op1("Add", [a.total_length, one32], "/model/attn_pad/total/Add"),
+                   positions=b.op1("Concat", [POSITION_IDS, after], "/model/attn_pad/positions/Concat", axis=1),
+                   rows=b.op1("Shape", [INPUT_IDS], "/model/attn_pad/rows/Shape", start=1, end=2))
 
 
 def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...]) -> _Attention:
@@ -446,19 +488,37 @@ def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, family: DecoderF
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
     if uses_gqa(arch):
         cos, sin = rope if fused_rotary and rope is not None else ("", "")
+        if attention.rows:  # one zero row more (_pad_attention)
+            q, k, v = (_zero_row(b, f"{prefix}/attn/pad_{name}", t) if t else t
+                       for name, t in (("q", q), ("k", k), ("v", v)))
         out, present_k, present_v = b.op(
             "GroupQueryAttention",
             [q, k, v, past_k, past_v, attention.seqlens_k, attention.total_length, cos, sin,
-             POSITION_IDS if fused_rotary else "", bias],
+             attention.positions if fused_rotary else "", bias],
             f"{prefix}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, num_heads=arch.num_heads,
             kv_num_heads=arch.num_kv_heads, scale=scale, softcap=float(family.attn_softcap),
             do_rotary=int(fused_rotary), rotary_interleaved=0)
+        if attention.rows:  # (batch, seq + 1, heads * hd) -> the pass's rows
+            out = b.op1("Slice", [out, _param_constant(b, "/model/attn_pad/start", np.array([0], np.int64)),
+                                  attention.rows, _param_constant(b, "/model/attn_pad/axis", np.array([1], np.int64))],
+                        f"{prefix}/attn/pad/Slice")
     else:
         out, present_k, present_v = _onnx_attention(b, prefix, arch, family, attention, q, k, v, past_k, past_v,
                                                     bias, scale)
     b.rename_output(present_k, f"present.{i}.key")
     b.rename_output(present_v, f"present.{i}.value")
     return _linear(b, f"{prefix}/attn/o_proj", layer.o, out, with_bias=False)
+
+
+def _zero_row(b: GraphBuilder, prefix: str, x: str) -> str:
+    """(batch, seq, width) -> (batch, seq + 1, width): one row of zeros after the pass's rows."""
+    pads = _param_constant(b, "/model/attn_pad/row_pads", np.array([0, 0, 0, 0, 1, 0], np.int64))
+    return b.op1("Pad", [x, pads], f"{prefix}/Pad")
+
+
+def _param_constant(b: GraphBuilder, name: str, array: np.ndarray) -> str:
+    """A constant every layer shares, defined by the first that asks."""
+    return name if b.has(name) else b.constant(name, array)
 
 
 def _rope_inputs(b: GraphBuilder, arch: ArchitectureSpec, kind: LayerKind,
