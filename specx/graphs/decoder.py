@@ -14,8 +14,8 @@ One graph per model, the contract of ``specx.graphs.contract`` (static KV: past 
 Padded passes (quantized CPU targets): ONNX Runtime's CPU kernels compute a one-row call otherwise than a multi-row
 one (MLAS's M=1 GEMM inside GroupQueryAttention) and MatMulNBits computes the odd last row of a call with its
 one-row kernel at blocks over 32: ~1e-7 apart, which int8-activation matmuls amplify to ~1 logit. At blocks up to 32
-the graph runs attention on one zero row more than the pass (``contract.padded_attention``, ``_pad_attention``), so a
-one-token step is two rows in attention only; at larger blocks the runtime pads whole passes with dummy rows
+a one-token step's attention runs one zero row more (``contract.padded_attention``, ``_pad_attention``), so no
+attention call has one row while the matmuls still run one; at larger blocks the runtime pads whole passes with dummy rows
 (``contract.min_rows`` 2, ``row_multiple`` 2; tree.pad_rows). Rotary tables are ``contract.spare_rows`` longer (a
 padded pass at the end of the context reaches past it).
 
@@ -128,6 +128,16 @@ class DecoderFamily:
 
 
 @dataclass(frozen=True)
+class _AttentionPad:
+    """What each layer reads to pad its attention input and slice its output (``_pad_attention``)."""
+
+    row_pads: str  # (6,) int64: Pad's pads for (batch, seq, width): the extra rows at the end
+    rows: str  # (1,) int64: the pass's rows (Slice's end)
+    start: str  # (1,) int64: 0
+    axis: str  # (1,) int64: 1
+
+
+@dataclass(frozen=True)
 class _Attention:
     """Graph-level tensors every layer's attention reads."""
 
@@ -138,7 +148,7 @@ class _Attention:
     past_length: str = ""  # (batch,) int64: rows already committed (the ONNX Attention path writes there)
     rows_past: str = ""  # (1,) int64: the same, as Slice's end (the ONNX Attention path)
     positions: str = POSITION_IDS  # (batch, seq [+ 1]) int64: what fused rotary reads
-    rows: str = ""  # (1,) int64: the pass's rows, where attention runs one dummy row more (``_pad_attention``)
+    pad: _AttentionPad | None = None  # a one-row pass's dummy attention row (``_pad_attention``)
 
     def bias_for(self, kind: LayerKind) -> str:
         return self.bias if kind.window is None else self.window_bias[kind.window]
@@ -258,37 +268,51 @@ def _mask_bias(b: GraphBuilder, float_dtype: str) -> tuple[str, str, str, str, s
 
 
 def _pad_attention(b: GraphBuilder, a: _Attention) -> _Attention:
-    """Attention over one dummy row more than the pass (``contract.padded_attention``): ONNX Runtime's CPU
-    GroupQueryAttention computes probabilities x V with MLAS's one-row GEMM kernel for a one-row call, ~1e-7 from
-    what a multi-row call gives the same row, which int8-activation matmuls amplify to ~1 logit; with a dummy row
-    every call has two rows or more, so a chain pass gives each row what one-token steps give it, bit for bit, and
-    the rest of the graph (row-consistent MatMulNBits at blocks up to 32) still runs the pass's own rows::
+    """Attention over one dummy row more where a pass has one row (``contract.padded_attention``): ONNX Runtime's
+    CPU GroupQueryAttention computes probabilities x V with MLAS's one-row GEMM kernel for a one-row call, ~1e-7
+    from what a multi-row call gives the same row, which int8-activation matmuls amplify to ~1 logit; with a dummy
+    row no call has one row, so a chain pass gives each row what one-token steps give it, bit for bit, and the rest
+    of the graph (row-consistent MatMulNBits at blocks up to 32) still runs the pass's own rows::
 
-        bias (batch, 1, seq, total) -Pad(blocked: a row and a column)-> (batch, 1, seq + 1, total + 1)
-        seqlens_k + 1, total + 1;  position_ids -Concat(last + 1)-> (batch, seq + 1)
-        per layer: q[, k, v] -Pad(a zero row)-> GroupQueryAttention -Slice(rows [0, seq))-> out
+        extra = max(2 - seq, 0)                                   1 for a one-token step, else 0
+        bias (batch, 1, seq, total) -Pad(blocked: extra rows and columns)-> (batch, 1, seq + extra, total + extra)
+        seqlens_k + extra, total + extra;  position_ids -Concat(last + 1)-Slice-> (batch, seq + extra)
+        per layer: q[, k, v] -Pad(extra zero rows)-> GroupQueryAttention -Slice(rows [0, seq))-> out
 
-    The dummy row attends to nothing real (its own row is blocked too: its output is discarded) and no real row
+    The dummy row attends to nothing real (its own column is blocked too: its output is discarded) and no real row
     attends to it; its K/V land in the cache row after the pass (a spare row: ``contract.spare_rows``), which the
     next pass overwrites."""
-    pads = b.constant("/model/attn_pad/bias_pads", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64))
+    rows = b.op1("Shape", [INPUT_IDS], "/model/attn_pad/rows/Shape", start=1, end=2)  # (1,) int64
+    extra = b.op1("Max", [b.op1("Sub", [b.constant("/model/attn_pad/two", np.array([2], np.int64)), rows],
+                                "/model/attn_pad/extra/Sub"),
+                          b.constant("/model/attn_pad/zero", np.array([0], np.int64))], "/model/attn_pad/extra/Max")
     blocked = "/model/constants/blocked"
+    bias_pads = b.op1("Concat", [b.constant("/model/attn_pad/bias_pads_head", np.zeros(6, np.int64)), extra, extra],
+                      "/model/attn_pad/bias_pads/Concat", axis=0)  # (8,): rows and columns at the end
+    row_pads = b.op1("Concat", [b.constant("/model/attn_pad/row_pads_head", np.zeros(4, np.int64)), extra,
+                                b.constant("/model/attn_pad/row_pads_tail", np.zeros(1, np.int64))],
+                     "/model/attn_pad/row_pads/Concat", axis=0)  # (6,): (batch, seq, width) rows at the end
 
     def pad_bias(name: str, bias: str) -> str:
-        return b.op1("Pad", [bias, pads, blocked], f"/model/attn_pad/{name}/Pad")
+        return b.op1("Pad", [bias, bias_pads, blocked], f"/model/attn_pad/{name}/Pad")
 
-    one32 = b.constant("/model/attn_pad/one_i32", np.array(1, np.int32))
+    extra32 = b.op1("Cast", [extra], "/model/attn_pad/extra/Cast", to=TensorProto.INT32)  # (1,)
     one = b.constant("/model/attn_pad/one", np.array([1], np.int64))
     last = b.op1("Slice", [POSITION_IDS, b.constant("/model/attn_pad/minus_one", np.array([-1], np.int64)),
                            b.constant("/model/attn_pad/end", np.array([np.iinfo(np.int64).max], np.int64)), one],
                  "/model/attn_pad/positions/Slice")  # (batch, 1)
     after = b.op1("Add", [last, one], "/model/attn_pad/positions/Add")
+    positions = b.op1("Concat", [POSITION_IDS, after], "/model/attn_pad/positions/Concat", axis=1)
+    padded_rows = b.op1("Add", [rows, extra], "/model/attn_pad/rows/Add")
+    total = b.op1("Add", [a.total_length, b.op1("Squeeze", [extra32], "/model/attn_pad/extra/Squeeze")],
+                  "/model/attn_pad/total/Add")  # () int32
+    start = b.constant("/model/attn_pad/start", np.array([0], np.int64))
     return replace(a, bias=pad_bias("bias", a.bias),
                    window_bias={w: pad_bias(f"window_{w}", bias) for w, bias in a.window_bias.items()},
-                   seqlens_k=b.op1("Add", [a.seqlens_k, one32], "/model/attn_pad/seqlens_k/Add"),
-                   total_length=b.op1("Add", [a.total_length, one32], "/model/attn_pad/total/Add"),
-                   positions=b.op1("Concat", [POSITION_IDS, after], "/model/attn_pad/positions/Concat", axis=1),
-                   rows=b.op1("Shape", [INPUT_IDS], "/model/attn_pad/rows/Shape", start=1, end=2))
+                   seqlens_k=b.op1("Add", [a.seqlens_k, extra32], "/model/attn_pad/seqlens_k/Add"),
+                   total_length=total,
+                   positions=b.op1("Slice", [positions, start, padded_rows, one], "/model/attn_pad/positions/Slice_1"),
+                   pad=_AttentionPad(row_pads, rows, start, one))
 
 
 def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...]) -> _Attention:
@@ -488,8 +512,9 @@ def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, family: DecoderF
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
     if uses_gqa(arch):
         cos, sin = rope if fused_rotary and rope is not None else ("", "")
-        if attention.rows:  # one zero row more (_pad_attention)
-            q, k, v = (_zero_row(b, f"{prefix}/attn/pad_{name}", t) if t else t
+        pad = attention.pad
+        if pad:  # a one-row pass: one zero row more (_pad_attention)
+            q, k, v = (b.op1("Pad", [t, pad.row_pads], f"{prefix}/attn/pad_{name}/Pad") if t else t
                        for name, t in (("q", q), ("k", k), ("v", v)))
         out, present_k, present_v = b.op(
             "GroupQueryAttention",
@@ -498,27 +523,14 @@ def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, family: DecoderF
             f"{prefix}/attn/GroupQueryAttention", outputs=3, domain=MS_DOMAIN, num_heads=arch.num_heads,
             kv_num_heads=arch.num_kv_heads, scale=scale, softcap=float(family.attn_softcap),
             do_rotary=int(fused_rotary), rotary_interleaved=0)
-        if attention.rows:  # (batch, seq + 1, heads * hd) -> the pass's rows
-            out = b.op1("Slice", [out, _param_constant(b, "/model/attn_pad/start", np.array([0], np.int64)),
-                                  attention.rows, _param_constant(b, "/model/attn_pad/axis", np.array([1], np.int64))],
-                        f"{prefix}/attn/pad/Slice")
+        if pad:  # (batch, seq + extra, heads * hd) -> the pass's rows
+            out = b.op1("Slice", [out, pad.start, pad.rows, pad.axis], f"{prefix}/attn/pad/Slice")
     else:
         out, present_k, present_v = _onnx_attention(b, prefix, arch, family, attention, q, k, v, past_k, past_v,
                                                     bias, scale)
     b.rename_output(present_k, f"present.{i}.key")
     b.rename_output(present_v, f"present.{i}.value")
     return _linear(b, f"{prefix}/attn/o_proj", layer.o, out, with_bias=False)
-
-
-def _zero_row(b: GraphBuilder, prefix: str, x: str) -> str:
-    """(batch, seq, width) -> (batch, seq + 1, width): one row of zeros after the pass's rows."""
-    pads = _param_constant(b, "/model/attn_pad/row_pads", np.array([0, 0, 0, 0, 1, 0], np.int64))
-    return b.op1("Pad", [x, pads], f"{prefix}/Pad")
-
-
-def _param_constant(b: GraphBuilder, name: str, array: np.ndarray) -> str:
-    """A constant every layer shares, defined by the first that asks."""
-    return name if b.has(name) else b.constant(name, array)
 
 
 def _rope_inputs(b: GraphBuilder, arch: ArchitectureSpec, kind: LayerKind,
