@@ -9,7 +9,7 @@ from specx.exporter.validate import random_tree
 from specx.runtime import Generator
 from specx.runtime import decoding
 from specx.runtime.decoding import feed
-from specx.runtime.tree import TREE_BUCKETS, bucket_size, padded_pass
+from specx.runtime.tree import DRAFT_BUCKETS, TREE_BUCKETS, bucket_size, padded_pass
 from tests.helpers import open_target
 
 
@@ -89,6 +89,45 @@ def test_fixed_buffer_passes_equal_ordinary_passes(tmp_path, llama_dir):
         assert fixed == plain, mode
     assert {seq for seq, _ in fixed_gen.target._fixed} >= {1, 8}  # one-token steps and padded trees ran fixed
     assert not fixed_gen.target._capture  # nothing to capture on the CPU
+    # the draft's passes (first calls and tree levels of varying rows) ran padded to its buckets, on fixed buffers
+    assert fixed_gen.draft.fixed_buckets == frozenset(DRAFT_BUCKETS)
+    assert {seq for seq, _ in fixed_gen.draft._fixed} >= {1, 2, 4} and not plain_gen.draft._fixed
+
+
+class _RecordingSession:
+    """An ONNX Runtime session that records each run's gpu_graph_id."""
+
+    def __init__(self, session):
+        self.session, self.graph_ids = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, io, options=None):
+        self.graph_ids.append(options.get_run_config_entry("gpu_graph_id") if options else None)
+        return self.session.run_with_iobinding(io, options)
+
+
+def test_a_capturing_session_never_captures_an_unfixed_pass(tmp_path, llama_dir):
+    """ONNX Runtime captures a run without gpu_graph_id as graph 0 in a CUDA-graph session and replays it whatever
+    the shapes: passes off the fixed buffers (prefill, lengths without a bucket) must say -1; fixed ones their id."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+    from specx.runtime.bundle import Bundle
+    from specx.runtime.generator import _decoder
+    from specx.runtime.session import DecoderSession
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "fp16", dtype="fp16",
+                                      ngram_tokens=0))
+    bundle = Bundle.load(out)
+    built = _decoder(bundle, bundle.manifest.target, "cpu")
+    recorder = _RecordingSession(built._decoder)
+    session = DecoderSession(recorder, built._committer, built.contract, built.placement, fixed_buckets=(1,),
+                             capture=True)  # as on CUDA; the CPU ignores the entries
+    session.reserve(32)
+    feed(session, np.arange(5, dtype=np.int64))  # a 5-row prefill: no bucket
+    feed(session, np.array([7], dtype=np.int64))  # a one-token step: bucket 1
+    feed(session, np.array([8], dtype=np.int64))
+    assert recorder.graph_ids == ["-1", "1", "1"]
 
 
 def test_cuda_graphs_need_a_static_shape_bundle(llama_bundle):

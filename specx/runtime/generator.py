@@ -44,7 +44,7 @@ from specx.runtime.manifest import ModelEntry
 from specx.runtime.ownership import Claim, SessionGuard
 from specx.runtime.sampling import SamplingConfig
 from specx.runtime.session import DecoderSession, cap_threads, check_graph, default_session_options, open_session
-from specx.runtime.tree import TREE_BUCKETS
+from specx.runtime.tree import DRAFT_BUCKETS, TREE_BUCKETS
 # The modes, tree defaults and measured thresholds live in specx.runtime.config / .defaults; importable here too.
 from specx.runtime.config import DEFAULT_TREE_BUDGET, DEFAULT_TREE_DEPTH, DRAFT_CHOICES, MODES, tree_shape  # noqa: F401
 from specx.runtime.defaults import (DRAWN_TREE_THRESHOLD, FEATURE_GREEDY_TREE, FEATURE_GREEDY_TREE_FLOOR,  # noqa: F401
@@ -156,8 +156,12 @@ class Generator:
                           cuda_graphs=cuda_graphs)
         # The draft's threads do not spin when idle: spinning, they held the cores through the target's verify pass
         # (a 6-token verify took 52 ms instead of 33; with the target's spinning kept, plain decoding stays as fast).
-        draft = _decoder(bundle, manifest.draft, target.placement.name, threads, spinning=False) \
-            if manifest.draft else None
+        # With CUDA graphs the draft's passes (launch-bound: where capture matters most) are padded to DRAFT_BUCKETS
+        # and replayed; a feature draft's (its features and hidden states vary in rows) run uncaptured.
+        draft_graphs = cuda_graphs and manifest.draft is not None and manifest.draft.contract.static_shapes
+        draft = _decoder(bundle, manifest.draft, target.placement.name, threads, spinning=False,
+                         fixed_buckets=DRAFT_BUCKETS if draft_graphs else (), cuda_graphs=draft_graphs,
+                         pad_to_buckets=draft_graphs) if manifest.draft else None
         ngram = KatzTrigram.load(bundle.path / manifest.ngram.file, manifest.target.contract.vocab_size) \
             if manifest.ngram else None
         generator = cls(bundle, target, draft, ngram, max_context)
@@ -429,13 +433,14 @@ def exact_chains(target: ModelEntry) -> bool:
 
 
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,
-             spinning: bool = True, fixed_buckets: tuple[int, ...] = (), cuda_graphs: bool = False) -> DecoderSession:
+             spinning: bool = True, fixed_buckets: tuple[int, ...] = (), cuda_graphs: bool = False,
+             pad_to_buckets: bool = False) -> DecoderSession:
     """``fixed_buckets``: pass lengths run on buffers bound once, captured as CUDA graphs where ``cuda_graphs`` and
-    the session runs on CUDA."""
+    the session runs on CUDA; ``pad_to_buckets``: shorter passes padded to them (a draft's)."""
     session, placement = open_session(bundle.graph_path(entry), provider, default_session_options(threads, spinning),
                                       cuda_graphs=cuda_graphs)
     committer, _ = open_session(bundle.commit_path(entry), placement.name)
     check_graph(session, entry.contract, entry.graph)
     check_graph(committer, entry.contract.kv_commit(), entry.kv_commit)
     return DecoderSession(session, committer, entry.contract, placement, fixed_buckets=fixed_buckets,
-                          capture=cuda_graphs and placement.name == "cuda")
+                          capture=cuda_graphs and placement.name == "cuda", pad_to_buckets=pad_to_buckets)

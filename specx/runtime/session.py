@@ -31,7 +31,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from specx.errors import BundleError, CapacityError, ContractError, InvalidArgumentError, ProviderError
 from specx.graphs.contract import (COMMIT_DST, COMMIT_SRC, INPUT_IDS, LOGITS, METADATA_KEY, NEXT_TOKENS, PAST_LENGTH,
                                    POSITION_IDS, TOP_PROBS, TOP_TOKENS, TREE_MASK, GraphContract)
-from specx.runtime.tree import pad_rows
+from specx.runtime.tree import bucket_size, pad_rows
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -139,6 +139,16 @@ def check_graph(session: ort.InferenceSession, contract: GraphContract, graph: s
         raise ContractError(f"{graph}: the contract in the graph differs from the manifest's; re-export the bundle")
 
 
+CUDA_GRAPH_SKIP = -1  # ONNX Runtime's gpu_graph_id for a run that is neither captured nor replayed
+
+
+def _graph_options(graph_id: int) -> ort.RunOptions:
+    """Run options naming the CUDA graph a run captures or replays (``gpu_graph_id``; -1: none)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
 @dataclass(frozen=True)
 class _FixedPass:
     """One bucket's pass on buffers bound once: what a CUDA graph captures (inputs refilled in place)."""
@@ -157,14 +167,21 @@ class DecoderSession:
     """
 
     def __init__(self, decoder: ort.InferenceSession, committer: ort.InferenceSession, contract: GraphContract,
-                 placement: Placement, batch: int = 1, fixed_buckets: Sequence[int] = (), capture: bool = False):
+                 placement: Placement, batch: int = 1, fixed_buckets: Sequence[int] = (), capture: bool = False,
+                 pad_to_buckets: bool = False):
         """``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
-        captured as CUDA graphs when ``capture`` (the session was opened with ``cuda_graphs``)."""
+        captured as CUDA graphs when ``capture`` (the session was opened with ``cuda_graphs``); ``pad_to_buckets``:
+        a shorter pass is padded with dummy rows to the next of them where the cache has room (a draft's passes,
+        whose lengths vary; graphs without extra inputs)."""
         if fixed_buckets and not contract.static_shapes:
             raise InvalidArgumentError("fixed-buffer passes need a static-shape graph (CUDA formats: --dtype fp16, "
                                        "fp16-int8 or fp16-int4)")
         self.fixed_buckets = frozenset(fixed_buckets)
+        self._pad_to = tuple(sorted(fixed_buckets)) if pad_to_buckets and not contract.extra_inputs else ()
         self._capture = capture
+        # a run without gpu_graph_id is captured as graph 0 by a CUDA-graph session (ONNX Runtime's default
+        # annotation) and replayed whatever its shapes: passes off the fixed buffers say -1 (never captured)
+        self._uncaptured = _graph_options(CUDA_GRAPH_SKIP) if capture else None
         self._fixed: dict[tuple[int, str], _FixedPass] = {}
         self._graph_ids = 0  # CUDA graph ids handed out so far (a reallocated cache needs new captures)
         self.contract = contract
@@ -287,15 +304,21 @@ class DecoderSession:
         if total > self.capacity:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
-        rows = self.contract.padded_rows(seq)
+        rows = self._padded_rows(seq)
         if rows == seq or self._extra_inputs:
             return self._pass(input_ids, position_ids, tree_mask, extra, wanted)
         # a target exact only on padded passes (contract.min_rows): the dummies may reach the spare rows past the
-        # capacity checked above, and are never committed
+        # capacity checked above; a draft's pass padded to a fixed bucket; dummies are never committed
         buffers = self._pass(*pad_rows(input_ids, position_ids, tree_mask, rows), extra, wanted)
         self._pending_len, self._pending_ids = seq, self._pending_ids[:seq]
         self.outputs = {name: host[:, :seq] for name, host in self.outputs.items()}
         return {name: (host[:, :seq], value) for name, (host, value) in buffers.items()}  # (batch, seq, ...)
+
+    def _padded_rows(self, seq: int) -> int:
+        """The rows a pass of ``seq`` runs with: the contract's padding, then the next fixed bucket where asked
+        (``pad_to_buckets``) and the cache has room for its dummies (else unpadded: uncaptured)."""
+        rows = self.contract.padded_rows(seq)
+        return bucket_size(rows, self._pad_to, self.capacity - self.past_len) if self._pad_to else rows
 
     def _pass(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
               extra: Mapping[str, np.ndarray] | None, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
@@ -318,7 +341,7 @@ class DecoderSession:
         for name, (_, value) in buffers.items():
             io.bind_ortvalue_output(name, value)
         start = time.perf_counter()
-        self._decoder.run_with_iobinding(io)
+        self._decoder.run_with_iobinding(io, self._uncaptured)
         return self._finished(buffers, wanted, input_ids, start)
 
     def _finished(self, buffers: dict[str, tuple[np.ndarray, ort.OrtValue]], wanted: str, input_ids: np.ndarray,
@@ -373,7 +396,7 @@ class DecoderSession:
         options = ort.RunOptions()
         if self._capture:
             self._graph_ids += 1
-            options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+            options = _graph_options(self._graph_ids)
         fixed = self._fixed[(seq, wanted)] = _FixedPass(io, inputs, outputs, options)
         return fixed
 

@@ -25,6 +25,9 @@ from specx.errors import InvalidArgumentError
 CHAIN_CACHE = 128  # chains of distinct lengths kept built
 # Verify passes padded to these sizes give a few fixed shapes (each one captured CUDA graph); see padded_pass
 TREE_BUCKETS = (1, 8, 16, 32, 64)
+# A draft's passes (the first call's unseen tokens, each tree level's frontier) padded to these sizes in its session
+# (DecoderSession pad_to_buckets), so that with CUDA graphs every draft call replays a captured graph
+DRAFT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
