@@ -33,7 +33,7 @@ def export(
     ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
     quant_accuracy: Optional[int] = typer.Option(None, help="MatMulNBits accuracy level of an int8/int4 target (default: 4 "
                                                 "for int8/int4, 0 for fp16-int8/fp16-int4): 4 (int8 compute, "
-                                               "fastest steps; exact chains: passes padded to two rows, and the "
+                                               "fastest steps; exact chains: no attention call of one row, and the "
                                                "bundle speculates with chains only) or 0 (float compute: exact "
                                                "trees too, ~1.3x slower steps on SmolLM2-135M)."),
     quant_block: int = typer.Option(32, help="MatMulNBits block size of an int8/int4 target (16, 32, 64, 128 or "
