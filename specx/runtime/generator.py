@@ -157,7 +157,7 @@ class Generator:
         # The draft's threads do not spin when idle: spinning, they held the cores through the target's verify pass
         # (a 6-token verify took 52 ms instead of 33; with the target's spinning kept, plain decoding stays as fast).
         # With CUDA graphs the draft's passes (launch-bound: where capture matters most) are padded to DRAFT_BUCKETS
-        # and replayed; a feature draft's (its features and hidden states vary in rows) run uncaptured.
+        # and replayed, a feature draft's with its features or hidden states padded alike.
         draft_graphs = cuda_graphs and manifest.draft is not None and manifest.draft.contract.static_shapes
         draft = _decoder(bundle, manifest.draft, target.placement.name, threads, spinning=False,
                          fixed_buckets=DRAFT_BUCKETS if draft_graphs else (), cuda_graphs=draft_graphs,

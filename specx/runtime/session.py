@@ -139,6 +139,16 @@ def check_graph(session: ort.InferenceSession, contract: GraphContract, graph: s
         raise ContractError(f"{graph}: the contract in the graph differs from the manifest's; re-export the bundle")
 
 
+def _pad_extra(extra: Mapping[str, np.ndarray] | None, seq: int, rows: int) -> Mapping[str, np.ndarray] | None:
+    """Extra inputs for a pass of ``seq`` rows padded to ``rows``: those carrying the pass's rows get zero rows after
+    them (what the dummy rows read; their outputs are dropped); those without rows stay empty."""
+    if not extra:
+        return extra
+    return {name: np.concatenate([value, np.zeros((value.shape[0], rows - seq, *value.shape[2:]), value.dtype)],
+                                 axis=1) if value.shape[1] == seq else value  # (batch, rows, width)
+            for name, value in extra.items()}
+
+
 CUDA_GRAPH_SKIP = -1  # ONNX Runtime's gpu_graph_id for a run that is neither captured nor replayed
 
 
@@ -172,17 +182,18 @@ class DecoderSession:
         """``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
         captured as CUDA graphs when ``capture`` (the session was opened with ``cuda_graphs``); ``pad_to_buckets``:
         a shorter pass is padded with dummy rows to the next of them where the cache has room (a draft's passes,
-        whose lengths vary; graphs without extra inputs)."""
+        whose lengths vary). Extra inputs (a feature draft's features, hidden) take part where each has the pass's
+        rows or none (``_carriers``): padded with zero rows, and on fixed buffers per which of them carry rows."""
         if fixed_buckets and not contract.static_shapes:
             raise InvalidArgumentError("fixed-buffer passes need a static-shape graph (CUDA formats: --dtype fp16, "
                                        "fp16-int8 or fp16-int4)")
         self.fixed_buckets = frozenset(fixed_buckets)
-        self._pad_to = tuple(sorted(fixed_buckets)) if pad_to_buckets and not contract.extra_inputs else ()
+        self._pad_to = tuple(sorted(fixed_buckets)) if pad_to_buckets else ()
         self._capture = capture
         # a run without gpu_graph_id is captured as graph 0 by a CUDA-graph session (ONNX Runtime's default
         # annotation) and replayed whatever its shapes: passes off the fixed buffers say -1 (never captured)
         self._uncaptured = _graph_options(CUDA_GRAPH_SKIP) if capture else None
-        self._fixed: dict[tuple[int, str], _FixedPass] = {}
+        self._fixed: dict[tuple[int, str, tuple[bool, ...]], _FixedPass] = {}  # (rows, outputs, extra carriers)
         self._graph_ids = 0  # CUDA graph ids handed out so far (a reallocated cache needs new captures)
         self.contract = contract
         self.placement = placement
@@ -304,15 +315,26 @@ class DecoderSession:
         if total > self.capacity:
             raise CapacityError(f"a pass to row {total} overflows the KV cache of {self.capacity} rows; "
                                 "reserve() enough rows before the first pass")
-        rows = self._padded_rows(seq)
-        if rows == seq or self._extra_inputs:
+        carriers = self._carriers(extra, seq)
+        rows = self._padded_rows(seq) if carriers is not None else seq
+        if rows == seq:
             return self._pass(input_ids, position_ids, tree_mask, extra, wanted)
         # a target exact only on padded passes (contract.min_rows): the dummies may reach the spare rows past the
         # capacity checked above; a draft's pass padded to a fixed bucket; dummies are never committed
-        buffers = self._pass(*pad_rows(input_ids, position_ids, tree_mask, rows), extra, wanted)
+        buffers = self._pass(*pad_rows(input_ids, position_ids, tree_mask, rows), _pad_extra(extra, seq, rows), wanted)
         self._pending_len, self._pending_ids = seq, self._pending_ids[:seq]
         self.outputs = {name: host[:, :seq] for name, host in self.outputs.items()}
         return {name: (host[:, :seq], value) for name, (host, value) in buffers.items()}  # (batch, seq, ...)
+
+    def _carriers(self, extra: Mapping[str, np.ndarray] | None, seq: int) -> tuple[bool, ...] | None:
+        """Which extra inputs carry the pass's rows ((batch, seq, width); the others (batch, 0, width)), or None
+        where one carries another count (such a pass is neither padded nor run on fixed buffers)."""
+        if not self._extra_inputs:
+            return ()
+        if extra is None or any(spec.name not in extra for spec in self._extra_inputs):
+            return None  # _pass says which input is missing
+        rows = [extra[spec.name].shape[1] for spec in self._extra_inputs]
+        return tuple(r == seq for r in rows) if all(r in (0, seq) for r in rows) else None
 
     def _padded_rows(self, seq: int) -> int:
         """The rows a pass of ``seq`` runs with: the contract's padding, then the next fixed bucket where asked
@@ -324,8 +346,9 @@ class DecoderSession:
               extra: Mapping[str, np.ndarray] | None, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
         """Run a pass whose shapes ``_run`` checked: on fixed buffers where its length is a bucket, else bound anew."""
         seq = input_ids.shape[1]
-        if seq in self.fixed_buckets and not self._extra_inputs:
-            return self._run_fixed(input_ids, position_ids, tree_mask, wanted)
+        carriers = self._carriers(extra, seq) if seq in self.fixed_buckets else None
+        if carriers is not None:
+            return self._run_fixed(input_ids, position_ids, tree_mask, extra, carriers, wanted)
         io = self._bindings[wanted]
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -361,14 +384,20 @@ class DecoderSession:
         return wide
 
     def _run_fixed(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+                   extra: Mapping[str, np.ndarray] | None, carriers: tuple[bool, ...],
                    wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
-        """A pass on device buffers bound once per (length, outputs): the inputs are copied into them in place, so
-        every pass of a bucket has the same shapes and addresses (captured once as a CUDA graph, then replayed)."""
+        """A pass on device buffers bound once per (length, outputs, extra inputs carrying rows): the inputs are
+        copied into them in place, so every pass of a bucket has the same shapes and addresses (captured once as a
+        CUDA graph, then replayed)."""
         seq = input_ids.shape[1]
-        fixed = self._fixed.get((seq, wanted)) or self._bind_fixed(seq, wanted)
+        key = (seq, wanted, carriers)
+        fixed = self._fixed.get(key) or self._bind_fixed(seq, wanted, carriers)
         feeds = {INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
                  POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64), TREE_MASK: self._wide(tree_mask),
                  PAST_LENGTH: np.full(self.batch, self.past_len, dtype=np.int64)}
+        for spec, carries in zip(self._extra_inputs, carriers):
+            if carries:  # (batch, seq, width); an input without rows keeps its empty buffer
+                feeds[spec.name] = np.ascontiguousarray(extra[spec.name], dtype=np.float32)
         for name, value in feeds.items():
             fixed.inputs[name].update_inplace(value)
         start = time.perf_counter()
@@ -376,7 +405,7 @@ class DecoderSession:
         host = {name: (value.numpy(), value) for name, value in fixed.outputs.items()}  # device -> host copies
         return self._finished(host, wanted, input_ids, start)
 
-    def _bind_fixed(self, seq: int, wanted: str) -> "_FixedPass":
+    def _bind_fixed(self, seq: int, wanted: str, carriers: tuple[bool, ...]) -> "_FixedPass":
         device = self.placement.device
 
         def buffer(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
@@ -385,6 +414,8 @@ class DecoderSession:
         b = self.batch
         inputs = {INPUT_IDS: buffer((b, seq), np.int64), POSITION_IDS: buffer((b, seq), np.int64),
                   TREE_MASK: buffer((b, 1, seq, self.capacity), np.bool_), PAST_LENGTH: buffer((b,), np.int64)}
+        for spec, carries in zip(self._extra_inputs, carriers):  # (batch, seq or 0, width) float32
+            inputs[spec.name] = buffer((b, seq if carries else 0, int(spec.shape[-1])), np.float32)
         outputs = {name: buffer((b, seq, *tail), dtype) for name, (tail, dtype) in self._output_shapes(wanted).items()}
         io = self._bind_cache(self._decoder.io_binding())
         for name, value in inputs.items():
@@ -397,7 +428,7 @@ class DecoderSession:
         if self._capture:
             self._graph_ids += 1
             options = _graph_options(self._graph_ids)
-        fixed = self._fixed[(seq, wanted)] = _FixedPass(io, inputs, outputs, options)
+        fixed = self._fixed[(seq, wanted, carriers)] = _FixedPass(io, inputs, outputs, options)
         return fixed
 
     def _output_shapes(self, wanted: str) -> dict[str, tuple[tuple[int, ...], type]]:
