@@ -10,6 +10,10 @@ larger than it (real checkpoints pad too). specx's exporter makes one bundle per
 (self:layers=K); the layers the draft drops are quietened (DEEP_LAYER_SCALE) so that it agrees with the target on
 about 60% of tokens, as a useful draft would (a random model's shallow draft agrees on none).
 
+The SmolLM2-shaped model also gets a trained feature draft (TRAINED: its fp16 bundle again, with `train-draft` run
+on a tiny budget: random weights teach it little, but its float16 graph, its static shapes and its CUDA-graph
+capture run as a real one's would, and its call is timed against a target step).
+
 For each bundle, the device (--provider) against the CPU:
   0. placement: where ONNX Runtime puts each node of the target graph (its verbose log, in a child process): CUDA
      graph capture refuses a graph with compute nodes on the CPU (memcpy nodes);
@@ -67,6 +71,9 @@ EXIT_FAILED, EXIT_MISSING, EXIT_NO_CUDA = 1, 2, 3
 MODES = ("autoregressive", "speculative", "staged", "ngram")
 TREE_MODES = MODES[1:]  # the modes with verify passes (padded to buckets, captured as CUDA graphs)
 DEEP_LAYER_SCALE = 0.07  # output projections of the layers a self:layers=K draft drops: ~60% draft agreement
+TRAINED = "fp16+trained-draft"  # a job: the fp16 bundle with a feature draft trained by train-draft
+TRAINED_TOKENS = 2048  # train-draft's budget for it: the graphs and their capture are checked, not the draft
+TRAINED_DRAFT_VOCAB = 256
 OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "c_proj.weight", "c_proj.bias")
 LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 TIE_FACTOR = 2.0  # a differing token is a near tie when the reference's logit gap is within this x the parity diff
@@ -112,14 +119,14 @@ class Settings:
 SMOLLM2 = ModelShape("smollm2-135m-shape", "llama", dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
-    rms_norm_eps=1e-5), draft_layers=4, dtypes=("fp16", "fp16-int4", "fp32"), cpu_modes=True)
+    rms_norm_eps=1e-5), draft_layers=4, dtypes=("fp16", TRAINED, "fp16-int4", "fp32"), cpu_modes=True)
 GPT2_LARGE = ModelShape("gpt2-large-shape", "gpt2", dict(
     vocab_size=50257, n_positions=1024, n_embd=1280, n_layer=36, n_head=20), draft_layers=6, dtypes=("fp16",),
     cpu_modes=False)
 TINY_LLAMA = ModelShape("tiny-llama", "llama", dict(
     vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=160), draft_layers=1,
-    dtypes=("fp32", "fp16", "fp16-int4"), cpu_modes=True)
+    dtypes=("fp32", "fp16", "fp16-int4", TRAINED), cpu_modes=True)
 TINY_GPT2 = ModelShape("tiny-gpt2", "gpt2", dict(vocab_size=400, n_positions=160, n_embd=64, n_layer=3, n_head=4),
                        draft_layers=1, dtypes=("fp16",), cpu_modes=True)
 
@@ -285,7 +292,7 @@ def build_checkpoint(shape: ModelShape, settings: Settings, path: Path, seed: in
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     quieten_deep_layers(model, shape.draft_layers)
-    if all(dtype.startswith("fp16") for dtype in shape.dtypes):
+    if all(dtype.startswith("fp16") for dtype in shape.dtypes) and TRAINED not in shape.dtypes:  # train-draft: fp32
         model = model.to(torch.float16)  # half the bytes to write and read; every export is float16 anyway
     model.save_pretrained(path)
     fast.save_pretrained(path)
@@ -339,6 +346,19 @@ def export(shape: ModelShape, checkpoint: Path, dtype: str, out: Path, reuse: bo
             "note": "exported again validated on the CPU"}
 
 
+def export_trained(shape: ModelShape, checkpoint: Path, out: Path, reuse: bool) -> dict[str, Any]:
+    """The fp16 bundle with a feature draft from `train-draft` (a tiny budget), written to ``out``."""
+    from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
+
+    if reuse and (out / "manifest.json").is_file():
+        return {"seconds": None, "reused": True}
+    result = export(shape, checkpoint, "fp16", out, reuse=False)
+    start = time.perf_counter()
+    train_draft(TrainDraftRequest(out, tokens=TRAINED_TOKENS, draft_vocab=TRAINED_DRAFT_VOCAB, epochs=1,
+                                  cache_data=False), lambda _: contextlib.nullcontext())
+    return {**result, "train_draft_seconds": time.perf_counter() - start}
+
+
 def manifest_parity(bundle: Path) -> dict[str, Any]:
     manifest = json.loads((bundle / "manifest.json").read_text())
     return {role: manifest[role]["parity"] for role in ("target", "draft") if manifest.get(role)}
@@ -379,6 +399,7 @@ def step_times(gen: Any, settings: Settings, rng: np.random.Generator) -> dict[s
     """Target passes of 1-, 16- and 64-node trees after ``step_past`` committed rows (argmax or logits back), and a
     one-node draft call (its top tokens back), in ms: medians after warm-ups."""
     from specx.runtime.decoding import prefill
+    from specx.runtime.tree import chain
 
     target = gen.target
     past = rng.integers(0, target.contract.vocab_size, settings.step_past).astype(np.int64)
@@ -396,12 +417,25 @@ def step_times(gen: Any, settings: Settings, rng: np.random.Generator) -> dict[s
     draft = gen.draft
     draft.reset()
     draft.reserve(past.size + 2)
-    prefill(draft, past)
-    one = (past[-1:][None], np.asarray([[past.size]]), np.ones((1, 1, 1, past.size + 1), dtype=bool))
+    run = chain(past.size)
+    draft.forward_tokens(past[None], run.positions(0), run.attention_mask(0), draft_extra(draft, past.size))
+    draft.commit()
+    one = (past[-1:][None], np.asarray([[past.size]]), np.ones((1, 1, 1, past.size + 1), dtype=bool),
+           draft_extra(draft, 1))
     call = (lambda: draft.forward_top(*one)) if draft.contract.top_k else (lambda: draft.forward(*one))
     draft_ms = median_ms(call, settings.warmups + 2, settings.step_repeats)
     step = passes[str(min(settings.pass_sizes))]["argmax_ms"]
     return {"past": int(past.size), "passes": passes, "draft_call_ms": draft_ms, "draft_over_target": draft_ms / step}
+
+
+def draft_extra(draft: Any, rows: int) -> dict[str, np.ndarray] | None:
+    """A feature draft's extra inputs for a first call of ``rows`` tokens (target features: zeros here), else None."""
+    from specx.graphs.contract import FEATURES, HIDDEN
+
+    if not draft.contract.extra_inputs:
+        return None
+    return {FEATURES: np.zeros((1, rows, draft.contract.feature_width), np.float32),
+            HIDDEN: np.zeros((1, 0, draft.contract.hidden_size), np.float32)}
 
 
 def graphs_child(bundle: Path, provider: str, settings: Settings) -> dict[str, Any]:
@@ -450,11 +484,15 @@ def placement(bundle: Path, provider: str) -> dict[str, Any]:
     from specx.runtime.bundle import Bundle
 
     loaded = Bundle.load(bundle)
-    graph = loaded.graph_path(loaded.manifest.target)
-    done = run_child(["--placement-child", str(graph), "--provider", provider])
-    result = child_json(done)
-    if "error" not in result and not isinstance(done, str):
-        result.update(parse_placement(done.stderr))
+    result: dict[str, Any] = {}
+    for role, entry in (("target", loaded.manifest.target), ("draft", loaded.manifest.draft)):
+        if entry is None:
+            continue
+        done = run_child(["--placement-child", str(loaded.graph_path(entry)), "--provider", provider])
+        placed = child_json(done)
+        if "error" not in placed and not isinstance(done, str):
+            placed.update(parse_placement(done.stderr))
+        result[role] = placed
     return result
 
 
@@ -660,8 +698,10 @@ def run_bundle(shape: ModelShape, dtype: str, settings: Settings, args: argparse
     from specx.runtime import Generator
 
     bundle = args.work / shape.name / dtype
-    clock.say(f"{shape.name} {dtype}: exporting")
-    result: dict[str, Any] = {"export": export(shape, checkpoint, dtype, bundle, reuse)}
+    clock.say(f"{shape.name} {dtype}: exporting" + (" and training a draft" if dtype == TRAINED else ""))
+    made = export_trained(shape, checkpoint, bundle, reuse) if dtype == TRAINED else \
+        export(shape, checkpoint, dtype, bundle, reuse)
+    result: dict[str, Any] = {"export": made}
     if "error" in result["export"]:
         report["failures"].append(f"{shape.name} {dtype}: export: {result['export']['error']}")
     clock.say(f"{shape.name} {dtype}: node placement (child process)")
@@ -711,17 +751,15 @@ def parity_table(report: dict[str, Any]) -> str:
 def placement_table(report: dict[str, Any]) -> str:
     rows = []
     for model, dtype, r in bundles(report):
-        p = r.get("placement")
-        if p is None:
-            continue
-        if "error" in p:
-            rows.append([model, dtype, "ERROR " + p["error"]])
-            continue
-        nodes = ", ".join(f"{ep.replace('ExecutionProvider', '')} {n}" for ep, n in p["nodes"].items())
-        on_cuda = "CUDAExecutionProvider" in p["nodes"]  # on the CPU provider alone, every node is a CPU node
-        cpu_ops = ", ".join(f"{op} {n}" for op, n in p["cpu_op_types"].items()) if on_cuda else "-"
-        rows.append([model, dtype, nodes, p["memcpy_nodes"], cpu_ops])
-    return table(["model", "dtype", "nodes per provider (target graph)", "memcpy nodes", "op types on the CPU"], rows)
+        for role, p in r.get("placement", {}).items():
+            if "error" in p:
+                rows.append([model, dtype, role, "ERROR " + p["error"]])
+                continue
+            nodes = ", ".join(f"{ep.replace('ExecutionProvider', '')} {n}" for ep, n in p["nodes"].items())
+            on_cuda = "CUDAExecutionProvider" in p["nodes"]  # on the CPU provider alone, every node is a CPU node
+            cpu_ops = ", ".join(f"{op} {n}" for op, n in p["cpu_op_types"].items()) if on_cuda else "-"
+            rows.append([model, dtype, role, nodes, p["memcpy_nodes"], cpu_ops])
+    return table(["model", "dtype", "graph", "nodes per provider", "memcpy nodes", "op types on the CPU"], rows)
 
 
 def equality_table(report: dict[str, Any]) -> str:

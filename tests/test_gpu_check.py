@@ -59,10 +59,12 @@ def test_smoke_checks_every_bundle(smoke):
     bundles = {(model, dtype): result for model, entry in report["models"].items()
                for dtype, result in entry["bundles"].items()}
     assert set(bundles) == {("tiny-llama", "fp32"), ("tiny-llama", "fp16"), ("tiny-llama", "fp16-int4"),
-                            ("tiny-gpt2", "fp16")}
+                            ("tiny-llama", "fp16+trained-draft"), ("tiny-gpt2", "fp16")}
     for (model, dtype), result in bundles.items():
         assert "not_run" not in result, (model, dtype)
-        assert result["placement"]["nodes"]["CPUExecutionProvider"] > 0 and result["placement"]["memcpy_nodes"] == 0
+        assert set(result["placement"]) == {"target", "draft"}  # both graphs' nodes, each a child's verbose log
+        for placed in result["placement"].values():
+            assert placed["nodes"]["CPUExecutionProvider"] > 0 and placed["memcpy_nodes"] == 0
         assert result["parity"]["max_abs_logit_diff"] == 0.0  # CPU against CPU
         assert result["parity"]["device_next_tokens_equal_argmax"]
         verdicts = {row["check"]: row["verdict"] for row in result["equality"]}
@@ -81,6 +83,9 @@ def test_smoke_checks_every_bundle(smoke):
         assert set(result["speed_padded"]) == set(MODES[1:])
         steps = result["steps"]
         assert set(steps["passes"]) == {"1", "16", "64"} and steps["draft_call_ms"] > 0
+    trained = bundles[("tiny-llama", "fp16+trained-draft")]
+    assert trained["export"]["train_draft_seconds"] > 0 and trained["manifest_parity"]["draft"]["provider"] == "cpu"
+    assert trained["cuda_graphs"]["steps"]["draft_call_ms"] > 0  # the feature draft's call on fixed buffers
 
 
 def test_placement_log_parsing():
@@ -148,7 +153,7 @@ def test_what_the_time_budget_cuts_is_reported_not_dropped(capsys, tmp_path):
     assert gpu_check.main(["--provider", "cpu", "--smoke", "--budget-s", "0", "--out", str(tmp_path / "out"),
                            "--work", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
-    assert "4 bundle(s) not run" in out and out.count("NOT RUN tiny-") == 4
+    assert "5 bundle(s) not run" in out and out.count("NOT RUN tiny-") == 5
     report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert all("time budget" in r["not_run"] for e in report["models"].values() for r in e["bundles"].values())
 
@@ -157,4 +162,5 @@ def test_jobs_run_every_models_first_dtype_first():
     gpu_check = load_script()
     order = [(shape.name, dtype) for shape, dtype in gpu_check.jobs((gpu_check.SMOLLM2, gpu_check.GPT2_LARGE), ())]
     assert order == [("smollm2-135m-shape", "fp16"), ("gpt2-large-shape", "fp16"),
-                     ("smollm2-135m-shape", "fp16-int4"), ("smollm2-135m-shape", "fp32")]
+                     ("smollm2-135m-shape", "fp16+trained-draft"), ("smollm2-135m-shape", "fp16-int4"),
+                     ("smollm2-135m-shape", "fp32")]
