@@ -119,7 +119,7 @@ class Settings:
 SMOLLM2 = ModelShape("smollm2-135m-shape", "llama", dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
-    rms_norm_eps=1e-5), draft_layers=4, dtypes=("fp16", TRAINED, "fp16-int4", "fp32"), cpu_modes=True)
+    rms_norm_eps=1e-5), draft_layers=4, dtypes=("fp16", TRAINED, "fp16-int4", "bf16", "fp32"), cpu_modes=True)
 GPT2_LARGE = ModelShape("gpt2-large-shape", "gpt2", dict(
     vocab_size=50257, n_positions=1024, n_embd=1280, n_layer=36, n_head=20), draft_layers=6, dtypes=("fp16",),
     cpu_modes=False)
@@ -240,8 +240,18 @@ def preflight(provider: str, dtypes: Sequence[str]) -> tuple[dict[str, Any], lis
                      "install onnxruntime-gpu (scripts/gpu-check.sh does, from /tmp/ortparts)")
     info["skipped_dtypes"] = {d: f"needs {', '.join(info['missing_quantizer'])} (onnxruntime's MatMulNBitsQuantizer)"
                               for d in dtypes if "int" in d and info["missing_quantizer"]}
+    if provider == "cpu":
+        info["skipped_dtypes"].update({d: "runs on CUDA only" for d in dtypes if not cpu_runs(d)})
     info["device"] = device_name(provider)
     return info, fatal
+
+
+def cpu_runs(dtype: str) -> bool:
+    """Whether ONNX Runtime's CPU kernels run bundles of ``dtype`` (bf16: no; its checks then run on the device
+    alone, against PyTorch at export and the device's own plain decoding)."""
+    from specx.graphs.precision import PRECISIONS
+
+    return dtype not in PRECISIONS or PRECISIONS[dtype].cpu_runs
 
 
 def device_name(provider: str) -> str:
@@ -504,8 +514,9 @@ class Context:
     settings: Settings
     provider: str
     prompt: list[int]
+    bundle: Path
     device: Any  # Generator on --provider
-    cpu: Any  # Generator on the CPU
+    cpu: Any  # Generator on the CPU; None where the CPU cannot run the dtype (bf16)
     tolerance: float = 0.0  # logit noise of this dtype: near ties below it
     device_tokens: dict[str, list[int]] = field(default_factory=dict)  # per mode, eager and unpadded
     failures: list[str] = field(default_factory=list)
@@ -528,7 +539,8 @@ def padded_trees(gen: Any) -> Iterator[None]:
 
 
 def parity(ctx: Context, rng: np.random.Generator) -> dict[str, Any]:
-    """Device vs CPU logits of one tree pass after a past, and the device's next_tokens against their argmax."""
+    """Device vs CPU logits of one tree pass after a past, and the device's next_tokens against their argmax; where
+    the CPU cannot run the dtype, the device against PyTorch as export measured it (on the GPU)."""
     from specx.runtime.decoding import prefill
 
     vocab = ctx.device.target.contract.vocab_size
@@ -536,6 +548,8 @@ def parity(ctx: Context, rng: np.random.Generator) -> dict[str, Any]:
     tree = random_tree(ctx.settings.parity_nodes, rng)
     tokens = rng.integers(0, vocab, tree.size).astype(np.int64)
     args = (tokens[None], tree.positions(past.size), tree.attention_mask(past.size))
+    if ctx.cpu is None:
+        return device_only_parity(ctx, past, args)
     logits = {}
     for name, gen in (("device", ctx.device), ("cpu", ctx.cpu)):
         gen.target.reset()
@@ -548,6 +562,24 @@ def parity(ctx: Context, rng: np.random.Generator) -> dict[str, Any]:
             "argmax_agreement": float(np.mean(logits["device"].argmax(-1) == logits["cpu"].argmax(-1))),
             "device_next_tokens_equal_argmax": bool(np.array_equal(device_argmax, logits["device"].argmax(-1))),
             "nodes": int(tree.size), "past": int(past.size)}
+
+
+def device_only_parity(ctx: Context, past: np.ndarray, args: tuple) -> dict[str, Any]:
+    """A dtype the CPU cannot run: export's |ORT - torch| on this device stands for device vs CPU."""
+    from specx.runtime.decoding import prefill
+
+    target = ctx.device.target
+    target.reset()
+    target.reserve(past.size + args[0].shape[1])
+    prefill(target, past)
+    logits = target.forward(*args)[0].astype(np.float64)
+    exported = json.loads((ctx.bundle / "manifest.json").read_text())["target"]["parity"]
+    return {"max_abs_logit_diff": float(exported.get("max_abs_logit_diff", float("nan"))),
+            "reference": f"PyTorch at export ({exported.get('provider', 'not measured')})",
+            "max_abs_logit": float(np.max(np.abs(logits))), "argmax_agreement": float("nan"),
+            "device_next_tokens_equal_argmax": bool(np.array_equal(target.forward_tokens(*args)[0],
+                                                                   logits.argmax(-1))),
+            "nodes": int(args[0].shape[1]), "past": int(past.size)}
 
 
 def logit_gap(gen: Any, prompt: Sequence[int], generated: Sequence[int], a: int, b: int) -> float:
@@ -584,13 +616,16 @@ def equality(ctx: Context) -> list[dict[str, Any]]:
     """Every mode on the device against plain decoding on the CPU and on the device (and the same mode on the CPU
     where the shape allows); then padded tree passes against unpadded ones."""
     s = ctx.settings
-    cpu = tokens_by_mode(ctx.cpu, ctx.prompt, s, MODES if ctx.shape.cpu_modes else MODES[:1])
+    cpu = {} if ctx.cpu is None else tokens_by_mode(ctx.cpu, ctx.prompt, s,
+                                                    MODES if ctx.shape.cpu_modes else MODES[:1])
     ctx.device_tokens = tokens_by_mode(ctx.device, ctx.prompt, s, MODES)
     plain = ctx.device_tokens["autoregressive"]
-    rows = [compare(ctx, "autoregressive: device vs cpu", cpu["autoregressive"], plain, ctx.cpu)]
+    rows = [] if ctx.cpu is None else [compare(ctx, "autoregressive: device vs cpu", cpu["autoregressive"], plain,
+                                               ctx.cpu)]
     for mode in TREE_MODES:
         tokens = ctx.device_tokens[mode]
-        rows.append(compare(ctx, f"{mode}: device vs cpu autoregressive", cpu["autoregressive"], tokens, ctx.cpu))
+        if ctx.cpu is not None:
+            rows.append(compare(ctx, f"{mode}: device vs cpu autoregressive", cpu["autoregressive"], tokens, ctx.cpu))
         rows.append(compare(ctx, f"{mode}: device vs device autoregressive", plain, tokens, ctx.device))
         if mode in cpu:
             rows.append(compare(ctx, f"{mode}: device vs cpu {mode}", cpu[mode], tokens, ctx.cpu))
@@ -707,9 +742,9 @@ def run_bundle(shape: ModelShape, dtype: str, settings: Settings, args: argparse
     clock.say(f"{shape.name} {dtype}: node placement (child process)")
     result["placement"] = placement(bundle, args.provider)
     device = Generator.load(bundle, provider=args.provider)  # provider="cuda" raises when ORT fell back to the CPU
-    cpu = Generator.load(bundle, provider="cpu")
+    cpu = Generator.load(bundle, provider="cpu") if cpu_runs(dtype) else None  # bf16: the device alone
     ctx = Context(shape, dtype, settings, args.provider, make_prompt(device.target.contract.vocab_size, settings),
-                  device, cpu)
+                  bundle, device, cpu)
     result.update(check_bundle(ctx, bundle, clock, args.budget_s))
     report["failures"] += ctx.failures
     del device, cpu, ctx
@@ -740,8 +775,9 @@ def parity_table(report: dict[str, Any]) -> str:
         seconds = "reused" if export.get("reused") else fmt(export["seconds"])
         unquantized = target.get("unquantized_max_abs_logit_diff")  # quantized graphs: measured, not held
         held = f" (unquantized {fmt(unquantized)})" if unquantized is not None else ""
-        rows.append([model, dtype, seconds, f"{fmt(target['max_abs_logit_diff'])}{held} / {fmt(target['tolerance'])} "
-                     f"({target['provider']})", fmt(p["max_abs_logit_diff"]), fmt(p["max_abs_logit"]),
+        rows.append([model, dtype, seconds, f"{fmt(target.get('max_abs_logit_diff'))}{held} / "
+                     f"{fmt(target.get('tolerance'))} ({target.get('provider', 'not measured')})",
+                     fmt(p["max_abs_logit_diff"]), fmt(p["max_abs_logit"]),
                      fmt(p["argmax_agreement"]), "yes" if p["device_next_tokens_equal_argmax"] else "NO",
                      export.get("error", "")])
     return table(["model", "dtype", "export s", "manifest |ORT-torch| / tol (on)", "device vs cpu max|dlogit|",

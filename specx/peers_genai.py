@@ -95,6 +95,8 @@ def genai_precision(dtype: str) -> str:
     precision = PRECISIONS.get(dtype)
     if precision is None:
         raise PeerUnavailable(f"no onnxruntime-genai precision for dtype {dtype!r}")
+    if not precision.cpu_runs:
+        raise PeerUnavailable(f"{dtype} runs on CUDA only and the peer runs onnxruntime-genai's CPU build")
     if precision.bits is not None:
         return f"int{precision.bits}"
     return precision.float_name

@@ -103,3 +103,53 @@ def test_quantized_targets_take_a_block_size(tmp_path, llama_dir):
     with pytest.raises(InvalidArgumentError, match="quant-block"):
         export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "bad", dtype="int4",
                                     ngram_tokens=0, quant_block=48))
+
+
+def test_bf16_exports_for_cuda_and_refuses_the_cpu(tmp_path, llama_dir):
+    """--dtype bf16 (bfloat16 weights, activations and cache; CUDA only): exported without a GPU its parity is left
+    to the GPU check, the graphs are typed consistently (ONNX Runtime resolves them and stops only at the CPU's
+    missing bfloat16 kernels), and the runtime refuses the CPU with a message rather than ONNX Runtime's error."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from specx.errors import ProviderError
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path / "bf16", dtype="bf16",
+                                      ngram_tokens=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "bf16"
+    for role in ("target", "draft"):
+        entry = manifest[role]
+        assert entry["contract"]["kv_dtype"] == "bfloat16" and entry["parity"]["measured"] is False
+        assert any(s["name"] == "past_length" for s in entry["contract"]["inputs"])  # static shapes (CUDA graphs)
+        graph = onnx.load(str(out / entry["graph"]))
+        floats = {i.data_type for i in graph.graph.initializer if i.data_type in (TensorProto.FLOAT,
+                                                                                   TensorProto.FLOAT16,
+                                                                                   TensorProto.BFLOAT16)}
+        assert floats == {TensorProto.BFLOAT16}
+        logits = next(o for o in graph.graph.output if o.name == "logits")
+        assert logits.type.tensor_type.elem_type == TensorProto.FLOAT  # ArgMax and numpy read float32
+        with pytest.raises(Exception, match="Could not find an implementation"):  # typed right, no CPU kernel
+            ort.InferenceSession(str(out / entry["graph"]), providers=["CPUExecutionProvider"])
+    with pytest.raises(ProviderError, match="runs on CUDA only"):
+        Generator.load(out, provider="cpu")
+
+
+def test_bf16_has_no_quantized_draft(tmp_path, llama_dir):
+    from specx.errors import ExportError
+
+    with pytest.raises(ExportError, match="no weight-quantized format"):
+        export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1,int4", output=tmp_path / "b", dtype="bf16",
+                                    ngram_tokens=0))
+
+
+def test_a_bf16_cache_is_allocated_without_numpy_bfloat16():
+    """numpy has no bfloat16: the cache is allocated by its ONNX type and zeroed through its 16-bit pattern."""
+    from specx.graphs.contract import GraphContract
+    from specx.runtime.session import DecoderSession, Placement
+
+    contract = GraphContract.decoder(2, 2, 16, 100, "bfloat16", static_shapes=True)
+    session = DecoderSession(None, None, contract, Placement("cpu", "cpu"))  # no graph: the buffers alone
+    value = session._zeros((1, 2, 64, 16))
+    assert value.data_type() == "tensor(bfloat16)" and value.shape() == [1, 2, 64, 16]

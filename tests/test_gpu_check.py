@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoConfig, GPT2Config
 
@@ -163,4 +164,26 @@ def test_jobs_run_every_models_first_dtype_first():
     order = [(shape.name, dtype) for shape, dtype in gpu_check.jobs((gpu_check.SMOLLM2, gpu_check.GPT2_LARGE), ())]
     assert order == [("smollm2-135m-shape", "fp16"), ("gpt2-large-shape", "fp16"),
                      ("smollm2-135m-shape", "fp16+trained-draft"), ("smollm2-135m-shape", "fp16-int4"),
-                     ("smollm2-135m-shape", "fp32")]
+                     ("smollm2-135m-shape", "bf16"), ("smollm2-135m-shape", "fp32")]
+
+
+def test_bf16_is_checked_on_the_device_alone(tmp_path, llama_dir):
+    """bf16 bundles have no CPU kernels: the CPU run reports them not run, and on a GPU their checks compare the
+    device with PyTorch (export) and with its own plain decoding. That device-only path, run here on an fp16
+    bundle standing in for one (the CPU as the device)."""
+    from specx.exporter.pipeline import ExportRequest, export_bundle
+    from specx.runtime import Generator
+
+    gpu_check = load_script()
+    info, fatal = gpu_check.preflight("cpu", ["fp16", "bf16"])
+    assert not fatal and info["skipped_dtypes"] == {"bf16": "runs on CUDA only"}
+    bundle = export_bundle(ExportRequest(str(llama_dir), draft="self:layers=1", output=tmp_path / "fp16",
+                                         dtype="fp16", ngram_tokens=0))
+    device = Generator.load(bundle, provider="cpu")
+    ctx = gpu_check.Context(gpu_check.TINY_LLAMA, "bf16", gpu_check.SMOKE_SETTINGS, "cpu",
+                            gpu_check.make_prompt(device.target.contract.vocab_size, gpu_check.SMOKE_SETTINGS),
+                            bundle, device, None)
+    result = gpu_check.parity(ctx, np.random.default_rng(0))
+    assert result["reference"].startswith("PyTorch at export") and result["device_next_tokens_equal_argmax"]
+    rows = gpu_check.equality(ctx)
+    assert rows and all("cpu" not in row["check"] for row in rows) and not ctx.failures

@@ -177,9 +177,11 @@ def test_bad_requests(line, message):
 def test_precision_follows_the_bundle():
     expected = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "fp16-int8": "int8",
                 "fp16-int4": "int4"}
-    assert {d: g.genai_precision(d) for d in DTYPES} == expected
+    assert {d: g.genai_precision(d) for d in DTYPES if d != "bf16"} == expected
     with pytest.raises(g.PeerUnavailable):
         g.genai_precision("int3")
+    with pytest.raises(g.PeerUnavailable, match="CUDA only"):
+        g.genai_precision("bf16")
 
 
 def test_sources(tmp_path):

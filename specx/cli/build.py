@@ -25,7 +25,8 @@ def export(
     dtype: DType = typer.Option(DType.auto, help="Graph precision: fp16 for CUDA, fp32 for CPU (auto picks); int8 / "
                                                  "int4: weight-only quantized (MatMulNBits, lm_head included) with "
                                                  "fp32 activations, for CPU; fp16-int8 / fp16-int4: the same with "
-                                                 "fp16 activations, for CUDA."),
+                                                 "fp16 activations, for CUDA; bf16: bfloat16 (range of fp32: for "
+                                                 "models whose activations overflow fp16), CUDA only (sm80+)."),
     opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
     ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for a "
                                                   "static n-gram table; default 0: staged and ngram modes count the "

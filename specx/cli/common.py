@@ -43,6 +43,7 @@ class DType(str, Enum):
     int4 = "int4"
     fp16_int8 = "fp16-int8"
     fp16_int4 = "fp16-int4"
+    bf16 = "bf16"
 
 
 def fail(message: str) -> None:

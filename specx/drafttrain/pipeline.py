@@ -49,6 +49,7 @@ from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, GraphContract
 from specx.graphs.feature_draft import build_feature_draft
 from specx.graphs.helpers import write_kv_commit
 from specx.graphs.passes import embed_contract, weight_bytes
+from specx.graphs.precision import FLOAT_NAMES
 from specx.graphs.quantize import (ACCURACY_LEVEL, BLOCK_SIZE, EXACT_ACCURACY_LEVEL, SUPPORTED_BITS, quantize_built, scheme,
                                    unquantized_path)
 from specx.runtime.bundle import Bundle, specx_home
@@ -387,6 +388,8 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
                                            target_contract.feature_width, target_contract.kv_dtype, spec.num_layers,
                                            static_shapes=target_contract.static_shapes)
     path = staging / DRAFT_GRAPH
+    if target_contract.kv_dtype == "bfloat16":
+        bits = None  # MatMulNBits is built for float32 and float16 activations here: a bf16 draft stays float
     built = unquantized_path(path) if bits else path
     graph = build_feature_draft(spec, draft.to_weights(), contract, DEFAULT_OPSET)
     embed_contract(graph, contract)
@@ -410,9 +413,10 @@ def draft_accuracy(contract: GraphContract) -> int:
 
 
 def parity_tolerance(contract: GraphContract) -> float:
-    """|ORT - torch| allowed, relative to max(1, the output's largest |value|): float16 graphs are held to the fp16
-    targets' bound."""
-    return TOLERANCE["fp16"] if contract.kv_dtype == "float16" else PARITY_TOLERANCE
+    """|ORT - torch| allowed, relative to max(1, the output's largest |value|): float16 and bfloat16 graphs are held
+    to their targets' bounds."""
+    return TOLERANCE.get(FLOAT_NAMES[contract.kv_dtype], PARITY_TOLERANCE) if contract.kv_dtype != "float32" \
+        else PARITY_TOLERANCE
 
 
 def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, contract: GraphContract,
@@ -424,8 +428,9 @@ def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, con
     tokens = rng.integers(0, draft.embed.shape[0], (1, 2 * rows))
     features = rng.standard_normal((1, rows, contract.feature_width)).astype(np.float32)
     hidden = rng.standard_normal((1, rows, contract.hidden_size)).astype(np.float32)
-    session, placement = open_session(path, "cpu")
-    committer, _ = open_session(committer_path, "cpu")
+    device = "cpu" if contract.kv_dtype != "bfloat16" else "cuda"  # bfloat16 graphs have no CPU kernels
+    session, placement = open_session(path, device)
+    committer, _ = open_session(committer_path, device)
     ort = DecoderSession(session, committer, contract, placement)
     ort.reserve(2 * rows)
     first = chain(rows)
@@ -453,7 +458,7 @@ def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, con
                           f"{tolerance:.3g}) and {hidden_diff:.3g} in hidden states (tolerance "
                           f"{hidden_tolerance:.3g})")
     return {"max_abs_diff": logit_diff, "tolerance": tolerance, "max_abs_hidden_diff": hidden_diff,
-            "hidden_tolerance": hidden_tolerance, "provider": "cpu"}
+            "hidden_tolerance": hidden_tolerance, "provider": placement.name}
 
 
 def _held_out_tau(bundle_dir: Path, held_out: DistillationSet) -> float:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from specx.errors import SourceError
 from specx.graphs.precision import PRECISIONS
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # by the precision's activations
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # by activations
 
 
 @dataclass(frozen=True)

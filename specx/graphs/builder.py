@@ -15,11 +15,29 @@ from onnx import TensorProto, helper, numpy_helper
 
 from specx.graphs.contract import TensorSpec
 
-ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
-              "int32": TensorProto.INT32, "bool": TensorProto.BOOL}
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+              "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL}
 IR_VERSION = 10  # readable by every onnxruntime >= 1.20; the onnx package may default to a newer one
 MS_DOMAIN = "com.microsoft"
 EXTERNAL_THRESHOLD = 1024  # initializers of at least this many bytes go to the .data file
+
+
+def numpy_float(name: str) -> np.dtype:
+    """The numpy dtype of a graph float type; bfloat16 is ml_dtypes' (onnx's own dependency)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def lowest(name: str) -> np.ndarray:
+    """The most negative finite value of a graph float type (an additive mask's 'blocked')."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.array(ml_dtypes.finfo(ml_dtypes.bfloat16).min, dtype=np.float32)
+    return np.array(np.finfo(name).min)
 
 
 def value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
@@ -31,7 +49,7 @@ class GraphBuilder:
 
     def __init__(self, name: str, float_dtype: str = "float32"):
         self.name = name
-        self.float_dtype = np.dtype(float_dtype)
+        self.float_dtype = numpy_float(float_dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._initializer_names: set[str] = set()

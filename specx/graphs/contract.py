@@ -81,7 +81,7 @@ HIDDEN = "hidden"
 HIDDEN_STATES = "hidden_states"
 DECODER, FEATURE_DRAFT, KV_COMMIT = "decoder", "feature_draft", "kv_commit"
 
-KV_DTYPES = ("float32", "float16")
+KV_DTYPES = ("float32", "float16", "bfloat16")
 
 Dim = str | int
 
@@ -321,6 +321,7 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
 }
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from specx.graphs.builder import MS_DOMAIN, GraphBuilder
+from specx.graphs.builder import MS_DOMAIN, GraphBuilder, lowest
 from specx.graphs.contract import (FEATURES, INPUT_IDS, LOGITS, NEXT_TOKENS, PAST_LENGTH, POSITION_IDS, TOP_PROBS,
                                    TOP_TOKENS, TREE_MASK, GraphContract)
 from specx.graphs.architecture import ArchitectureSpec
@@ -167,7 +167,7 @@ def graph_opset(arch: ArchitectureSpec, opset: int) -> int:
 def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: DecoderWeights, contract: GraphContract,
                   opset: int, head: HeadKind = "shared") -> onnx.ModelProto:
     """The decoder graph. ``head="own"`` gives a tied model its own transposed lm_head copy (quantizable)."""
-    float_dtype = "float16" if contract.kv_dtype == "float16" else "float32"
+    float_dtype = contract.kv_dtype  # float32, float16 or bfloat16: weights, activations and cache
     b = GraphBuilder("specx_decoder", float_dtype)
     if contract.static_shapes:
         if not uses_gqa(arch):
@@ -258,7 +258,7 @@ def _mask_bias(b: GraphBuilder, float_dtype: str) -> tuple[str, str, str, str, s
     """tree_mask -Where(0, the dtype's minimum)-> additive bias; the mask's width as int64 and int32.
     Returns (zero, blocked, bias, width, width32)."""
     zero = b.weight("/model/constants/zero", np.zeros((), np.float32))
-    blocked = b.weight("/model/constants/blocked", np.array(np.finfo(float_dtype).min))
+    blocked = b.weight("/model/constants/blocked", lowest(float_dtype))
     bias = b.op1("Where", [TREE_MASK, zero, blocked], "/model/attn_mask/Where")  # (batch, 1, seq, width)
     mask_shape = b.op1("Shape", [TREE_MASK], "/model/attn_mask/Shape")
     width = b.op1("Gather", [mask_shape, b.constant("/model/constants/axis_total", np.array(MASK_AXIS_TOTAL))],

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from specx.graphs.builder import GraphBuilder
+from specx.graphs.builder import ONNX_TYPES, GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
 from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs,
                                   _linear, _mlp, _norm, _skip_norm, _static_attention_inputs, graph_opset, top_tokens,
@@ -111,10 +111,10 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
 
 
 def _to_graph_dtype(b: GraphBuilder, name: str) -> str:
-    """A float32 input (features, hidden) in the graph's dtype: cast where that is float16."""
+    """A float32 input (features, hidden) in the graph's dtype: cast where that is float16 or bfloat16."""
     if b.float_dtype == np.float32:
         return name
-    return b.op1("Cast", [name], f"/draft/{name}/Cast", to=TensorProto.FLOAT16)
+    return b.op1("Cast", [name], f"/draft/{name}/Cast", to=ONNX_TYPES[str(b.float_dtype)])
 
 
 def _to_float32(b: GraphBuilder, tensor: str, node: str) -> str:

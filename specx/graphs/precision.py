@@ -7,6 +7,7 @@ device the format is built for. Imports nothing but the standard library: export
     int8, int4   float32           MatMulNBits 8 / 4 bit        CPU   (accuracy_level 4: int8 compute in MLAS)
     fp16-int8    float16           MatMulNBits 8 / 4 bit        CUDA  (the CUDA kernels take float16 activations)
     fp16-int4
+    bf16         bfloat16          bfloat16                     CUDA  (sm80+; no CPU kernels: runs on CUDA only)
 """
 
 from __future__ import annotations
@@ -19,18 +20,27 @@ CPU, CUDA = "cpu", "cuda"
 @dataclass(frozen=True)
 class Precision:
     name: str
-    activations: str  # "float32" | "float16": activations, logits inside the graph and the KV cache
+    activations: str  # "float32" | "float16" | "bfloat16": activations, logits inside the graph and the KV cache
     bits: int | None  # weight-only quantization (MatMulNBits), or None for float weights
     device: str  # the device the format is built for (it runs on the other one too, slowly)
 
     @property
     def float_name(self) -> str:
         """The unquantized dtype with these activations (what a quantized graph is built and validated as)."""
-        return "fp16" if self.activations == "float16" else "fp32"
+        return FLOAT_NAMES[self.activations]
+
+    @property
+    def cpu_runs(self) -> bool:
+        """Whether ONNX Runtime's CPU kernels run this format (bfloat16: not GroupQueryAttention nor the matmuls)."""
+        return self.activations != "bfloat16"
 
     def quantized(self, bits: int) -> "Precision":
         """The same activations with ``bits``-bit weights (a derived self:int4 draft of an fp16 target: fp16-int4)."""
-        return PRECISIONS[f"{self.float_name}-int{bits}" if self.activations == "float16" else f"int{bits}"]
+        name = f"{self.float_name}-int{bits}" if self.activations == "float16" else f"int{bits}"
+        if self.activations == "bfloat16":
+            raise ValueError(f"{self.name} has no weight-quantized format (MatMulNBits is built for float32 and "
+                             "float16 activations here); use a float draft, or export --dtype fp16 for int4/int8")
+        return PRECISIONS[name]
 
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
@@ -40,5 +50,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("int4", "float32", 4, CPU),
     Precision("fp16-int8", "float16", 8, CUDA),
     Precision("fp16-int4", "float16", 4, CUDA),
+    Precision("bf16", "bfloat16", None, CUDA),
 )}
+FLOAT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # activations -> the unquantized dtype
 DTYPES = tuple(PRECISIONS)

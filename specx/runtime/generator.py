@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from specx.errors import BundleError, CapacityError, InvalidArgumentError
+from specx.errors import BundleError, CapacityError, InvalidArgumentError, ProviderError
 from specx.runtime.arguments import check_flag, check_int, check_optional_int, check_text, prompt_kind, token_ids
 from specx.runtime.bundle import Bundle
 from specx.runtime.chat import Messages, render_chat
@@ -43,7 +43,8 @@ from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.ownership import Claim, SessionGuard
 from specx.runtime.sampling import SamplingConfig
-from specx.runtime.session import DecoderSession, cap_threads, check_graph, default_session_options, open_session
+from specx.runtime.session import (DecoderSession, cap_threads, check_graph, cuda_available, default_session_options,
+                                   open_session)
 from specx.runtime.tree import DRAFT_BUCKETS, TREE_BUCKETS
 # The modes, tree defaults and measured thresholds live in specx.runtime.config / .defaults; importable here too.
 from specx.runtime.config import DEFAULT_TREE_BUDGET, DEFAULT_TREE_DEPTH, DRAFT_CHOICES, MODES, tree_shape  # noqa: F401
@@ -437,6 +438,10 @@ def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | No
              pad_to_buckets: bool = False) -> DecoderSession:
     """``fixed_buckets``: pass lengths run on buffers bound once, captured as CUDA graphs where ``cuda_graphs`` and
     the session runs on CUDA; ``pad_to_buckets``: shorter passes padded to them (a draft's)."""
+    if entry.contract.kv_dtype == "bfloat16" and not cuda_available(provider):
+        raise ProviderError(f"{bundle.path.name} is bf16, which runs on CUDA only (ONNX Runtime's CPU kernels take "
+                            f"no bfloat16 for its attention and matmuls) and provider {provider!r} gives no CUDA "
+                            "device: run it on a GPU with onnxruntime-gpu, or export --dtype fp32 / int4 for the CPU")
     session, placement = open_session(bundle.graph_path(entry), provider, default_session_options(threads, spinning),
                                       cuda_graphs=cuda_graphs)
     committer, _ = open_session(bundle.commit_path(entry), placement.name)

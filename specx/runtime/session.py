@@ -35,7 +35,8 @@ from specx.runtime.tree import bucket_size, pad_rows
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-_NUMPY_KV = {"float32": np.float32, "float16": np.float16}
+_NUMPY_KV = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bfloat16: its bit pattern
+ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16 (the runtime does not import onnx)
 _QUIET = 4  # ORT logger severity FATAL: silences the expected CUDA probe failure on CPU-only machines
 REUSED_LOGITS_ROWS = 64  # logits buffers of passes up to this many rows are kept for reuse
 CACHE_BLOCK = 64  # cache capacities are rounded up to a multiple of this many positions
@@ -104,6 +105,12 @@ def _load(path: Path, options: ort.SessionOptions, providers: list) -> ort.Infer
     except _LOAD_ERRORS as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"cannot load graph {path}: {first_line}; re-export the bundle with `specx export`") from exc
+
+
+def cuda_available(provider: str) -> bool:
+    """Whether ``provider`` ("auto", "cuda" or "cpu") may give a CUDA session: onnxruntime-gpu lists the provider
+    (whether its libraries load is known only when a session opens)."""
+    return provider != "cpu" and _ORT_PROVIDER["cuda"] in ort.get_available_providers()
 
 
 def default_session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
@@ -254,14 +261,21 @@ class DecoderSession:
         capacity = max(-(-rows // CACHE_BLOCK) * CACHE_BLOCK, 2 * self.capacity)
         # + the rows a padded pass's dummies write past the context (contract.spare_rows): never committed
         shape = (self.batch, self.contract.num_kv_heads, capacity + self.contract.spare_rows, self.contract.head_dim)
-        self._cache = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_type), self.placement.device, 0)
-            for _ in self.contract.past_input_names
-        ]
+        self._cache = [self._zeros(shape) for _ in self.contract.past_input_names]
         self.capacity = capacity
         # one binding per kind of pass (logits or next_tokens brought back), the cache bound once in each
         self._bindings = {wanted: self._bind_cache(self._decoder.io_binding()) for wanted in _PASS_OUTPUTS}
         self._fixed = {}  # new addresses: fixed passes are bound (and captured) anew
+
+    def _zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        """A zeroed cache buffer on the device; bfloat16 (which numpy lacks) is allocated by its ONNX type and zeroed
+        through its 16-bit pattern."""
+        zeros = np.zeros(shape, self._kv_type)
+        if self.contract.kv_dtype != "bfloat16":
+            return ort.OrtValue.ortvalue_from_numpy(zeros, self.placement.device, 0)
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_BFLOAT16, self.placement.device, 0)
+        value.update_inplace(zeros)
+        return value
 
     def _bind_cache(self, io: ort.IOBinding) -> ort.IOBinding:
         for past, present, value in zip(self.contract.past_input_names, self.contract.present_output_names, self._cache):
