@@ -153,3 +153,13 @@ def test_a_bf16_cache_is_allocated_without_numpy_bfloat16():
     session = DecoderSession(None, None, contract, Placement("cpu", "cpu"))  # no graph: the buffers alone
     value = session._zeros((1, 2, 64, 16))
     assert value.data_type() == "tensor(bfloat16)" and value.shape() == [1, 2, 64, 16]
+
+
+def test_train_draft_refuses_a_bf16_bundle_without_a_gpu(tmp_path, llama_dir):
+    from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
+    from specx.errors import InvalidArgumentError
+
+    out = export_bundle(ExportRequest(str(llama_dir), draft="none", output=tmp_path / "bf16", dtype="bf16",
+                                      ngram_tokens=0))
+    with pytest.raises(InvalidArgumentError, match="bf16, whose graphs run on CUDA only"):
+        train_draft(TrainDraftRequest(out, tokens=600, draft_vocab=50, epochs=1), lambda _: None)

@@ -54,7 +54,7 @@ from specx.graphs.quantize import (ACCURACY_LEVEL, BLOCK_SIZE, EXACT_ACCURACY_LE
                                    unquantized_path)
 from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
-from specx.runtime.session import DecoderSession, open_session
+from specx.runtime.session import DecoderSession, cuda_available, open_session
 from specx.runtime.swap import TRAINING, check_replaceable, replace_bundle, sibling
 from specx.runtime.tree import chain
 
@@ -113,6 +113,10 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
     bundle = Bundle.load(request.bundle)
     check_replaceable(bundle.path)  # before the work: the bundle is replaced at the end
     _check_request(request)
+    if bundle.manifest.target.contract.kv_dtype == "bfloat16" and not (torch.cuda.is_available()
+                                                                       and cuda_available("cuda")):
+        raise InvalidArgumentError(f"{bundle.path.name} is bf16, whose graphs run on CUDA only: train its draft on a "
+                                   "machine with a GPU and onnxruntime-gpu (the checks run the new graphs)")
     with processes(_device(request.device), request.collective_timeout) as (ranks, device):
         if request.batch < ranks.world_size:
             raise InvalidArgumentError(f"--batch {request.batch} is smaller than the {ranks.world_size} processes: "
@@ -466,7 +470,8 @@ def _held_out_tau(bundle_dir: Path, held_out: DistillationSet) -> float:
     no n-grams: the draft alone)."""
     from specx.runtime.generator import Generator  # the runtime, exactly as users run it
 
-    generator = Generator.load(bundle_dir, provider="cpu")
+    bfloat16 = Bundle.load(bundle_dir).manifest.target.contract.kv_dtype == "bfloat16"
+    generator = Generator.load(bundle_dir, provider="cuda" if bfloat16 else "cpu")  # bf16: CUDA only
     calls = tokens = 0
     for text in held_out.tokens[:TAU_PROMPTS]:
         prompt = text[:TAU_PROMPT_TOKENS].tolist()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers.decoders import DecodeStream
 
 from specx.errors import BundleError, CapacityError, InvalidArgumentError, ProviderError
@@ -43,8 +44,8 @@ from specx.runtime.ngram import KatzTrigram, SessionNgram
 from specx.runtime.manifest import ModelEntry
 from specx.runtime.ownership import Claim, SessionGuard
 from specx.runtime.sampling import SamplingConfig
-from specx.runtime.session import (DecoderSession, cap_threads, check_graph, cuda_available, default_session_options,
-                                   open_session)
+from specx.runtime.session import (DecoderSession, Placement, cap_threads, check_graph, cuda_available,
+                                   default_session_options, open_session)
 from specx.runtime.tree import DRAFT_BUCKETS, TREE_BUCKETS
 # The modes, tree defaults and measured thresholds live in specx.runtime.config / .defaults; importable here too.
 from specx.runtime.config import DEFAULT_TREE_BUDGET, DEFAULT_TREE_DEPTH, DRAFT_CHOICES, MODES, tree_shape  # noqa: F401
@@ -433,17 +434,30 @@ def exact_chains(target: ModelEntry) -> bool:
     return exact_trees(target) if recorded is None else bool(recorded)
 
 
+def _open_graph(bundle: Bundle, entry: ModelEntry, provider: str, options: ort.SessionOptions,
+                cuda_graphs: bool) -> tuple[ort.InferenceSession, Placement]:
+    """open_session for ``entry``'s graph; a bf16 graph (no CPU kernels) on CUDA, or a ProviderError saying why
+    instead of ONNX Runtime's missing-kernel error."""
+    path = bundle.graph_path(entry)
+    if entry.contract.kv_dtype != "bfloat16":
+        return open_session(path, provider, options, cuda_graphs=cuda_graphs)
+    why = (f"{bundle.path.name} is bf16, which runs on CUDA only (ONNX Runtime's CPU kernels take no bfloat16 for "
+           "its attention and matmuls)")
+    if not cuda_available(provider):
+        raise ProviderError(f"{why}, and provider {provider!r} gives no CUDA device: run it on a GPU with "
+                            "onnxruntime-gpu, or export --dtype fp32 / int4 for the CPU")
+    try:
+        return open_session(path, "cuda", options, cuda_graphs=cuda_graphs)  # "auto" must not fall back to the CPU
+    except ProviderError as exc:
+        raise ProviderError(f"{why}, and CUDA did not load here: {exc}") from exc
+
+
 def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | None = None,
              spinning: bool = True, fixed_buckets: tuple[int, ...] = (), cuda_graphs: bool = False,
              pad_to_buckets: bool = False) -> DecoderSession:
     """``fixed_buckets``: pass lengths run on buffers bound once, captured as CUDA graphs where ``cuda_graphs`` and
     the session runs on CUDA; ``pad_to_buckets``: shorter passes padded to them (a draft's)."""
-    if entry.contract.kv_dtype == "bfloat16" and not cuda_available(provider):
-        raise ProviderError(f"{bundle.path.name} is bf16, which runs on CUDA only (ONNX Runtime's CPU kernels take "
-                            f"no bfloat16 for its attention and matmuls) and provider {provider!r} gives no CUDA "
-                            "device: run it on a GPU with onnxruntime-gpu, or export --dtype fp32 / int4 for the CPU")
-    session, placement = open_session(bundle.graph_path(entry), provider, default_session_options(threads, spinning),
-                                      cuda_graphs=cuda_graphs)
+    session, placement = _open_graph(bundle, entry, provider, default_session_options(threads, spinning), cuda_graphs)
     committer, _ = open_session(bundle.commit_path(entry), placement.name)
     check_graph(session, entry.contract, entry.graph)
     check_graph(committer, entry.contract.kv_commit(), entry.kv_commit)

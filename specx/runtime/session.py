@@ -102,9 +102,15 @@ _LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile,
 def _load(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
+    except ort_state.NotImplemented as exc:  # a node without a kernel on the providers that loaded (bf16 on a CPU)
+        raise ProviderError(f"cannot run graph {path} here: {_first_line(exc)}") from exc
     except _LOAD_ERRORS as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"cannot load graph {path}: {first_line}; re-export the bundle with `specx export`") from exc
+        raise BundleError(f"cannot load graph {path}: {_first_line(exc)}; re-export the bundle with `specx export`") \
+            from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def cuda_available(provider: str) -> bool:
