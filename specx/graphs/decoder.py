@@ -15,9 +15,9 @@ Padded passes (quantized CPU targets): ONNX Runtime's CPU kernels compute a one-
 one (MLAS's M=1 GEMM inside GroupQueryAttention) and MatMulNBits computes the odd last row of a call with its
 one-row kernel at blocks over 32: ~1e-7 apart, which int8-activation matmuls amplify to ~1 logit. At blocks up to 32
 a one-token step's attention runs one zero row more (``contract.padded_attention``, ``_pad_attention``), so no
-attention call has one row while the matmuls still run one; at larger blocks the runtime pads whole passes with dummy rows
-(``contract.min_rows`` 2, ``row_multiple`` 2; tree.pad_rows). Rotary tables are ``contract.spare_rows`` longer (a
-padded pass at the end of the context reaches past it).
+attention call has one row while the matmuls still run one; at larger blocks the runtime pads whole passes with
+dummy rows (``contract.min_rows`` 2, ``row_multiple`` 2; tree.pad_rows). Rotary tables are ``contract.spare_rows``
+longer (a padded pass at the end of the context reaches past it).
 
 The first layer's norm has no skip input; the last layer's output meets the final norm. Biases of the projections
 that feed a residual (o_proj, down_proj) ride in the following SkipNorm's bias input.
