@@ -180,7 +180,8 @@ def rows_to_json(rows: Sequence[BenchRow], summary: Sequence[dict], meta: dict) 
 # -- tuning -----------------------------------------------------------------------------------------------------
 # (budget, depth): chains and small trees; the short chains for targets whose passes are not flat (a quantized
 # target's exact 4-row pass measured 2.6x its step on a 2-core CPU, docs/benchmarks.md); the 1- and 5-chains for
-# padded targets (contract min_rows / row_multiple 2), whose plain step already costs the 2-row pass
+# padded targets (int4 at block 32: a 2-row pass ~1.07x the step with its dummy attention row; at larger blocks the
+# runtime's padding makes the step a 2-row pass already)
 TUNE_SHAPES = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8), (8, 4), (12, 6))
 # Sampling decodes with drawn children (rule B), whose best thresholds measured 0.05-0.1 (0.5 was rule A's).
 TUNE_THRESHOLDS = {"greedy": (0.05, 0.1, 0.2), "sampling": (0.05, 0.1, 0.2)}
