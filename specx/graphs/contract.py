@@ -57,6 +57,7 @@ KV-commit helper graph (moves accepted rows into place, on the device, in place)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable, Protocol, Sequence
 
 from specx.errors import ContractError
@@ -175,19 +176,19 @@ class GraphContract:
         return cls(FEATURE_DRAFT, num_layers, num_kv_heads, head_dim, draft_vocab, kv_dtype, inputs, outputs, (),
                    feature_width, hidden_size)
 
-    @property
+    @cached_property  # read on every pass; the contract is frozen
     def extra_inputs(self) -> tuple[TensorSpec, ...]:
         """Inputs besides tokens, positions, mask and cache (a feature draft's features and hidden)."""
         fixed = {INPUT_IDS, POSITION_IDS, TREE_MASK, PAST_LENGTH, *self.past_input_names}
         return tuple(s for s in self.inputs if s.name not in fixed)
 
-    @property
+    @cached_property  # read on every pass; the contract is frozen
     def extra_outputs(self) -> tuple[TensorSpec, ...]:
         """Per-token outputs besides logits and the cache (features, hidden_states): (batch, seq, width)."""
         fixed = {LOGITS, NEXT_TOKENS, TOP_TOKENS, TOP_PROBS, *self.present_output_names}
         return tuple(s for s in self.outputs if s.name not in fixed)
 
-    @property
+    @cached_property  # read on every pass; the contract is frozen
     def static_shapes(self) -> bool:
         """Whether the graph takes a capacity-wide mask and the committed length as ``past_length``."""
         return any(s.name == PAST_LENGTH for s in self.inputs)
@@ -206,12 +207,12 @@ class GraphContract:
         """The rows a pass of ``seq`` runs with: at least ``min_rows``, a multiple of ``row_multiple``."""
         return max(self.min_rows, -(-seq // self.row_multiple) * self.row_multiple)
 
-    @property
+    @cached_property  # read on every pass; the contract is frozen
     def top_k(self) -> int:
         """How many top tokens per row the graph computes (``top_tokens``), 0 if none."""
         return next((int(s.shape[-1]) for s in self.outputs if s.name == TOP_TOKENS), 0)
 
-    @property
+    @cached_property  # read on every pass; the contract is frozen
     def has_next_tokens(self) -> bool:
         """Whether the graph computes each row's argmax itself (``next_tokens``)."""
         return any(s.name == NEXT_TOKENS for s in self.outputs)
