@@ -447,7 +447,7 @@ def _open_graph(bundle: Bundle, entry: ModelEntry, provider: str, options: ort.S
         raise ProviderError(f"{why}, and provider {provider!r} gives no CUDA device: run it on a GPU with "
                             "onnxruntime-gpu, or export --dtype fp32 / int4 for the CPU")
     try:
-        return open_session(path, "cuda", options, cuda_graphs=cuda_graphs)  # "auto" must not fall back to the CPU
+        return open_session(path, provider, options, cuda_graphs=cuda_graphs)  # on the CPU its kernels are missing
     except ProviderError as exc:
         raise ProviderError(f"{why}, and CUDA did not load here: {exc}") from exc
 
