@@ -389,6 +389,14 @@ def test_a_draft_for_a_float16_target_is_float16_with_its_static_shapes(predicta
     # with CUDA graphs the draft's first calls (features carry the rows) and tree levels (hidden states carry them)
     # ran padded to its buckets on fixed buffers: what a CUDA graph captures
     assert {carriers for _, _, carriers in fixed.draft._fixed} == {(True, False), (False, True)}
+    # a pass whose rows are split between features and hidden states is run as it is (unpadded, not fixed)
+    draft, run = fixed.draft, chain(3)
+    draft.reset()
+    before = set(draft._fixed)
+    extra = {FEATURES: np.zeros((1, 1, draft.contract.feature_width), np.float32),
+             HIDDEN: np.zeros((1, 2, draft.contract.hidden_size), np.float32)}
+    logits = draft.forward(np.array([[1, 2, 3]]), run.positions(0), run.attention_mask(0), extra)
+    assert logits.shape[:2] == (1, 3) and set(draft._fixed) == before
 
 
 def test_train_draft_records_the_files_it_writes(feature_bundle: Path):
