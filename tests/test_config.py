@@ -222,3 +222,20 @@ def test_cli_config_errors_are_one_line(gpt2_bundle: Path):
     _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]")
     _user_error(["run", "--model", str(gpt2_bundle), "--prompt", "hi", "--tree-depth", "0"], "tree depth must be >= 1")
     _user_error(["bench", str(gpt2_bundle), "--tree-budget", "2", "--tree-depth", "4"], "tree budget (2)")
+
+
+CHAINS_ONLY = DraftKind(model=True, trained=True, exact_trees=False)
+
+
+@pytest.mark.parametrize("temperature,mode", [(0.0, "ngram"), (1.0, "speculative")])
+def test_an_untuned_chains_only_bundle_runs_one_token_chains(temperature, mode):
+    """int8-activation targets (chains only): greedy n-gram 1-chains whatever the draft (measured best: 1.23x
+    against the trained draft's 1.07x and its 4-chain's 0.86x); sampling drafts a drawn 1-chain."""
+    from specx.runtime.defaults import CHAINS_ONLY_DEPTH
+
+    resolved = resolve(GenerationConfig(temperature=temperature), CHAINS_ONLY, None)
+    assert resolved.mode == mode and (resolved.tree.budget, resolved.tree.depth) == (CHAINS_ONLY_DEPTH,) * 2
+    asked = resolve(GenerationConfig(tree=TreeConfig(depth=3, budget=3)), CHAINS_ONLY, None)
+    assert (asked.tree.budget, asked.tree.depth) == (3, 3)
+    tuned = resolve(GenerationConfig(), CHAINS_ONLY, {"mode": "speculative", "tree_budget": 8, "tree_depth": 4})
+    assert tuned.mode == "speculative" and (tuned.tree.budget, tuned.tree.depth) == (4, 4)  # its depth's chain

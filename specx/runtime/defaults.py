@@ -33,6 +33,11 @@ FEATURE_GREEDY_TREE_FLOOR = 0.05
 SAMPLING_TREE_THRESHOLD = 0.5  # top children (rule A)
 DRAWN_TREE_THRESHOLD = 0.1  # drawn children (rule B): a trained draft measured 0.05-0.1 best (docs/benchmarks.md)
 UNTUNED_DRAFT_CHOICE = "top"  # a sampling record without a draft choice predates drawn children: rule A measured it
+# A chains-only target (int8-activation CPU kernels) untuned: greedy n-gram 1-chains, whatever the draft. SmolLM2
+# int4 block 32, 16 held-out prompts, one run: n-gram 1-chains 1.23x its plain decoding, a trained draft's 1-chains
+# 1.07x, its 4-chains (the trained tree's depth) 0.86x; n-gram 5-chains 1.06x, 2-chains 1.10x (docs/benchmarks.md).
+# A 2-row pass costs ~1.07x a step there and each row more ~0.15x, so one proposed token is what pays.
+CHAINS_ONLY_DEPTH = 1
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def resolve(config: GenerationConfig, draft: DraftKind, tuned: Mapping[str, Any]
         choice = "sample" if draw else "top"  # where it matters, "auto" is decided
     shape = _tree(config.tree, tuned, mode, config.temperature, draw, draft.trained)
     if draft.chains_only:
-        shape = _chain(shape, config.tree)
+        shape = _chain(shape, config.tree, untuned=not tuned.get("tree_budget"))
     return replace(config, mode=mode, tree=TreeConfig(shape.budget, shape.depth, shape.threshold, shape.floor, choice))
 
 
@@ -102,7 +107,7 @@ def resolve_mode(mode: str, sampling: bool, draft: DraftKind) -> str:
         # mode measured 0.97x there.
         if sampling:
             return "speculative" if draft.model else "autoregressive"
-        if not draft.model:
+        if not draft.model or draft.chains_only:  # chains only: n-gram 1-chains measured best (CHAINS_ONLY_DEPTH)
             return "ngram"
         return "speculative" if draft.trained else "staged"
     if mode in DRAFTING_MODES and not draft.model:
@@ -128,16 +133,18 @@ def _tree(asked: TreeConfig, tuned: dict[str, Any], mode: str, temperature: floa
     return tree_shape(budget, depth, threshold, floor)
 
 
-def _chain(shape: TreeShape, asked: TreeConfig) -> TreeShape:
+def _chain(shape: TreeShape, asked: TreeConfig, untuned: bool) -> TreeShape:
     """A target whose chain passes alone are exact verifies chains: the shape's depth, one node a level (a budget
-    asked above the depth is refused; a tuned or default tree becomes its depth's chain)."""
+    asked above the depth is refused; a tuned tree becomes its depth's chain); with nothing asked or tuned, the
+    measured CHAINS_ONLY_DEPTH."""
     if asked.budget is not None and asked.budget > shape.depth:
         raise InvalidArgumentError(
             f"a tree budget of {asked.budget} over a depth of {shape.depth} would verify a tree, and this bundle's "
             "target keeps plain decoding's output with chains only (int8-activation kernels; manifest parity "
             "chains_exact). Ask for a chain (--tree-budget equal to --tree-depth), or export the target with "
             "--quant-accuracy 0 for exact trees")
-    return TreeShape(budget=shape.depth, depth=shape.depth, threshold=shape.threshold, floor=0.0)
+    depth = CHAINS_ONLY_DEPTH if untuned and asked.budget is None and asked.depth is None else shape.depth
+    return TreeShape(budget=depth, depth=depth, threshold=shape.threshold, floor=0.0)
 
 
 def _tree_size(asked: TreeConfig, tuned: dict[str, Any], trained_greedy: bool) -> tuple[int | None, int | None, float]:
