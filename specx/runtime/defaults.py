@@ -35,8 +35,9 @@ DRAWN_TREE_THRESHOLD = 0.1  # drawn children (rule B): a trained draft measured 
 UNTUNED_DRAFT_CHOICE = "top"  # a sampling record without a draft choice predates drawn children: rule A measured it
 # A chains-only target (int8-activation CPU kernels) untuned: greedy n-gram 1-chains, whatever the draft. SmolLM2
 # int4 block 32, 16 held-out prompts, one run: n-gram 1-chains 1.23x its plain decoding, a trained draft's 1-chains
-# 1.07x, its 4-chains (the trained tree's depth) 0.86x; n-gram 5-chains 1.06x, 2-chains 1.10x (docs/benchmarks.md).
-# A 2-row pass costs ~1.07x a step there and each row more ~0.15x, so one proposed token is what pays.
+# 1.07x (other runs: n-gram 5-chains 1.06x, 2-chains 1.10x; docs/benchmarks.md); the trained tree's depth as a
+# 4-chain 0.86x (6 of those prompts). A 2-row pass costs ~1.07x a step there and each row more ~0.15x, so one
+# proposed token is what pays. Sampling: a drawn 1-chain (a trained draft's measured 1.05x plain at T=1).
 CHAINS_ONLY_DEPTH = 1
 
 
