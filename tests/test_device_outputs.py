@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -50,8 +52,8 @@ def test_greedy_decoding_never_brings_back_logits(llama_self_bundle, mode, monke
 def test_a_graph_without_next_tokens_falls_back_to_the_logits(llama_bundle, monkeypatch):
     """Bundles exported before ``next_tokens`` existed decode greedily as before."""
     session = open_target(llama_bundle)
-    legacy = type(session.contract)(**{**session.contract.__dict__, "outputs": tuple(
-        s for s in session.contract.outputs if s.name != NEXT_TOKENS)})
+    legacy = dataclasses.replace(session.contract, outputs=tuple(
+        s for s in session.contract.outputs if s.name != NEXT_TOKENS))
     monkeypatch.setattr(session, "contract", legacy)
     rng = np.random.default_rng(1)
     ids = rng.integers(0, legacy.vocab_size, (1, 4)).astype(np.int64)
