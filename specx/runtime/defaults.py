@@ -37,7 +37,8 @@ UNTUNED_DRAFT_CHOICE = "top"  # a sampling record without a draft choice predate
 # int4 block 32, 16 held-out prompts, one run: n-gram 1-chains 1.23x its plain decoding, a trained draft's 1-chains
 # 1.07x (other runs: n-gram 5-chains 1.06x, 2-chains 1.10x; docs/benchmarks.md); the trained tree's depth as a
 # 4-chain 0.86x (6 of those prompts). A 2-row pass costs ~1.07x a step there and each row more ~0.15x, so one
-# proposed token is what pays. Sampling: a drawn 1-chain (a trained draft's measured 1.05x plain at T=1).
+# proposed token is what pays. Sampling decodes plainly: a trained draft's drawn 1-chains measured 0.98x plain
+# sampling at T=1 (16 held-out prompts; 1.05x on the runtime-padded graph before), n-gram 1-chains 1.03x.
 CHAINS_ONLY_DEPTH = 1
 
 
@@ -107,7 +108,7 @@ def resolve_mode(mode: str, sampling: bool, draft: DraftKind) -> str:
         # children, so plain speculative). Without one, n-gram chains are deterministic proposals (rule A): ngram
         # mode measured 0.97x there.
         if sampling:
-            return "speculative" if draft.model else "autoregressive"
+            return "speculative" if draft.model and not draft.chains_only else "autoregressive"
         if not draft.model or draft.chains_only:  # chains only: n-gram 1-chains measured best (CHAINS_ONLY_DEPTH)
             return "ngram"
         return "speculative" if draft.trained else "staged"
