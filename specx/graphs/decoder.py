@@ -133,8 +133,6 @@ class _AttentionPad:
 
     row_pads: str  # (6,) int64: Pad's pads for (batch, seq, width): the extra rows at the end
     rows: str  # (1,) int64: the pass's rows (Slice's end)
-    start: str  # (1,) int64: 0
-    axis: str  # (1,) int64: 1
 
 
 @dataclass(frozen=True)
@@ -276,7 +274,7 @@ def _pad_attention(b: GraphBuilder, a: _Attention) -> _Attention:
 
         extra = max(2 - seq, 0)                                   1 for a one-token step, else 0
         bias (batch, 1, seq, total) -Pad(blocked: extra rows and columns)-> (batch, 1, seq + extra, total + extra)
-        seqlens_k + extra, total + extra;  position_ids -Concat(last + 1)-Slice-> (batch, seq + extra)
+        seqlens_k + extra, total + extra;  position_ids -Pad(edge: extra)-> (batch, seq + extra)
         per layer: q[, k, v] -Pad(extra zero rows)-> GroupQueryAttention -Slice(rows [0, seq))-> out
 
     The dummy row attends to nothing real (its own column is blocked too: its output is discarded) and no real row
@@ -297,22 +295,17 @@ def _pad_attention(b: GraphBuilder, a: _Attention) -> _Attention:
         return b.op1("Pad", [bias, bias_pads, blocked], f"/model/attn_pad/{name}/Pad")
 
     extra32 = b.op1("Cast", [extra], "/model/attn_pad/extra/Cast", to=TensorProto.INT32)  # (1,)
-    one = b.constant("/model/attn_pad/one", np.array([1], np.int64))
-    last = b.op1("Slice", [POSITION_IDS, b.constant("/model/attn_pad/minus_one", np.array([-1], np.int64)),
-                           b.constant("/model/attn_pad/end", np.array([np.iinfo(np.int64).max], np.int64)), one],
-                 "/model/attn_pad/positions/Slice")  # (batch, 1)
-    after = b.op1("Add", [last, one], "/model/attn_pad/positions/Add")
-    positions = b.op1("Concat", [POSITION_IDS, after], "/model/attn_pad/positions/Concat", axis=1)
-    padded_rows = b.op1("Add", [rows, extra], "/model/attn_pad/rows/Add")
+    position_pads = b.op1("Concat", [b.constant("/model/attn_pad/position_pads_head", np.zeros(3, np.int64)), extra],
+                          "/model/attn_pad/position_pads/Concat", axis=0)  # (4,): (batch, seq) rows at the end
     total = b.op1("Add", [a.total_length, b.op1("Squeeze", [extra32], "/model/attn_pad/extra/Squeeze")],
                   "/model/attn_pad/total/Add")  # () int32
-    start = b.constant("/model/attn_pad/start", np.array([0], np.int64))
     return replace(a, bias=pad_bias("bias", a.bias),
                    window_bias={w: pad_bias(f"window_{w}", bias) for w, bias in a.window_bias.items()},
                    seqlens_k=b.op1("Add", [a.seqlens_k, extra32], "/model/attn_pad/seqlens_k/Add"),
                    total_length=total,
-                   positions=b.op1("Slice", [positions, start, padded_rows, one], "/model/attn_pad/positions/Slice_1"),
-                   pad=_AttentionPad(row_pads, rows, start, one))
+                   positions=b.op1("Pad", [POSITION_IDS, position_pads], "/model/attn_pad/positions/Pad",
+                                   mode="edge"),  # the dummy takes the last row's position (its q/k/v are zeros)
+                   pad=_AttentionPad(row_pads, rows))
 
 
 def _static_attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...]) -> _Attention:
@@ -524,7 +517,9 @@ def _attention(b: GraphBuilder, i: int, arch: ArchitectureSpec, family: DecoderF
             kv_num_heads=arch.num_kv_heads, scale=scale, softcap=float(family.attn_softcap),
             do_rotary=int(fused_rotary), rotary_interleaved=0)
         if pad:  # (batch, seq + extra, heads * hd) -> the pass's rows
-            out = b.op1("Slice", [out, pad.start, pad.rows, pad.axis], f"{prefix}/attn/pad/Slice")
+            out = b.op1("Slice", [out, _shared_const(b, "/model/constants/zero_1", np.array([0], np.int64)), pad.rows,
+                                  _shared_const(b, "/model/constants/seq_axis", np.array([1], np.int64))],
+                        f"{prefix}/attn/pad/Slice")
     else:
         out, present_k, present_v = _onnx_attention(b, prefix, arch, family, attention, q, k, v, past_k, past_v,
                                                     bias, scale)
