@@ -167,18 +167,7 @@ def build_decoder(arch: ArchitectureSpec, family: DecoderFamily, weights: Decode
     """The decoder graph. ``head="own"`` gives a tied model its own transposed lm_head copy (quantizable)."""
     float_dtype = contract.kv_dtype  # float32, float16 or bfloat16: weights, activations and cache
     b = GraphBuilder("specx_decoder", float_dtype)
-    if contract.static_shapes:
-        if not uses_gqa(arch):
-            raise ValueError(f"static-shape graphs need GroupQueryAttention (head_dim {arch.head_dim} is not a "
-                             f"multiple of {GQA_HEAD_MULTIPLE})")
-        attention = _static_attention_inputs(b, float_dtype, family.windows)
-    else:
-        attention = _attention_inputs(b, float_dtype, family.windows, committed_length=not uses_gqa(arch))
-    if contract.padded_attention:
-        if not uses_gqa(arch):
-            raise ValueError(f"padded attention needs GroupQueryAttention (head_dim {arch.head_dim} is not a "
-                             f"multiple of {GQA_HEAD_MULTIPLE})")
-        attention = _pad_attention(b, attention)
+    attention = attention_inputs(b, arch, contract, family.windows)
     h = _embeddings(b, arch, family, weights)
     x, residual = _norm(b, "/model/layers.0/input_layernorm", family, weights.layers[0].attn_norm, h)
     layer_inputs = []  # (batch, seq, hidden): the residual stream entering each layer
@@ -229,6 +218,21 @@ def _features(b: GraphBuilder, layer_inputs: list[str], float_dtype: str) -> Non
     if float_dtype != "float32":
         features = b.op1("Cast", [features], "/model/features/Cast", to=TensorProto.FLOAT)
     b.rename_output(features, FEATURES)
+
+
+def attention_inputs(b: GraphBuilder, arch: ArchitectureSpec, contract: GraphContract,
+                     windows: tuple[int, ...] = ()) -> _Attention:
+    """The graph-level tensors every layer's attention reads, as the contract shapes them: static (a capacity-wide
+    mask, ``past_length``) or as wide as the pass, with the dummy attention row where ``padded_attention``. Both need
+    GroupQueryAttention."""
+    if (contract.static_shapes or contract.padded_attention) and not uses_gqa(arch):
+        raise ValueError(f"static-shape graphs and padded attention need GroupQueryAttention (head_dim "
+                         f"{arch.head_dim} is not a multiple of {GQA_HEAD_MULTIPLE})")
+    if contract.static_shapes:
+        attention = _static_attention_inputs(b, contract.kv_dtype, windows)
+    else:
+        attention = _attention_inputs(b, contract.kv_dtype, windows, committed_length=not uses_gqa(arch))
+    return _pad_attention(b, attention) if contract.padded_attention else attention
 
 
 def _attention_inputs(b: GraphBuilder, float_dtype: str, windows: tuple[int, ...] = (),

@@ -34,9 +34,8 @@ from onnx import TensorProto
 
 from specx.graphs.builder import ONNX_TYPES, GraphBuilder
 from specx.graphs.contract import FEATURES, HIDDEN, HIDDEN_STATES, INPUT_IDS, LOGITS, GraphContract
-from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _attention_inputs,
-                                  _linear, _mlp, _norm, _skip_norm, _static_attention_inputs, graph_opset, top_tokens,
-                                  uses_gqa)
+from specx.graphs.decoder import (GLOBAL_ROPE, DecoderFamily, LayerWeights, Linear, Norm, _attention, _linear, _mlp,
+                                  _norm, _skip_norm, attention_inputs, graph_opset, top_tokens)
 from specx.graphs.architecture import ArchitectureSpec
 
 DRAFT_NORM_EPS = 1e-5
@@ -65,14 +64,8 @@ def build_feature_draft(arch: ArchitectureSpec, weights: FeatureDraftWeights, co
                         opset: int, eps: float = DRAFT_NORM_EPS) -> onnx.ModelProto:
     """``arch``: the draft layers' sizes (rope)."""
     family = draft_family(eps)
-    float_dtype = contract.kv_dtype
-    b = GraphBuilder("specx_feature_draft", float_dtype)
-    if contract.static_shapes:
-        if not uses_gqa(arch):
-            raise ValueError(f"a static-shape draft needs GroupQueryAttention (head_dim {arch.head_dim})")
-        attention = _static_attention_inputs(b, float_dtype, ())
-    else:
-        attention = _attention_inputs(b, float_dtype, committed_length=not uses_gqa(arch))
+    b = GraphBuilder("specx_feature_draft", contract.kv_dtype)
+    attention = attention_inputs(b, arch, contract)
     hidden = weights.embed.shape[1]
     chunks = b.op1("Reshape", [_to_graph_dtype(b, FEATURES), b.constant("/draft/constants/chunk_shape",
                                                     np.array([0, 0, weights.feature_chunks, hidden], np.int64))],
