@@ -366,7 +366,7 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
         new = with_records(new, staging)  # the files it holds now; the later write only adds the measured tau
         new.write(staging)
         with step("measuring tau on held-out text through the runtime"):
-            training["held_out_tau"] = _held_out_tau(staging, held_out)
+            training["held_out_tau"] = _held_out_tau(staging, held_out, check_provider(target.contract))
         training["total_seconds"] = round(time.perf_counter() - started, 1)  # data, training, graphs, checks
         new = replace(new, draft=replace(entry, training=dict(training)))
         new.write(staging)
@@ -407,7 +407,8 @@ def export_feature_draft(draft: FeatureDraftModel, vocab_map: np.ndarray, target
     np.save(staging / VOCAB_FILE, vocab_map.astype(np.int64))
     return ModelEntry(role="draft", source="specx train-draft", graph=path.name, kv_commit=commit_path(path).name,
                       architecture=spec, contract=contract, weight_bytes=weight_bytes(path), parity=parity,
-                      vocab_map=VOCAB_FILE, training=dict(training), quantization=scheme(bits, contract.kv_dtype, draft_accuracy(contract)) if bits else None)
+                      vocab_map=VOCAB_FILE, training=dict(training),
+                      quantization=scheme(bits, contract.kv_dtype, draft_accuracy(contract)) if bits else None)
 
 
 def draft_accuracy(contract: GraphContract) -> int:
@@ -416,11 +417,15 @@ def draft_accuracy(contract: GraphContract) -> int:
     return EXACT_ACCURACY_LEVEL if contract.kv_dtype == "float16" else ACCURACY_LEVEL
 
 
+def check_provider(contract: GraphContract) -> str:
+    """Where train-draft's checks run the new graphs: the CPU, or CUDA for bfloat16 (no CPU kernels)."""
+    return "cuda" if contract.kv_dtype == "bfloat16" else "cpu"
+
+
 def parity_tolerance(contract: GraphContract) -> float:
     """|ORT - torch| allowed, relative to max(1, the output's largest |value|): float16 and bfloat16 graphs are held
     to their targets' bounds."""
-    return TOLERANCE.get(FLOAT_NAMES[contract.kv_dtype], PARITY_TOLERANCE) if contract.kv_dtype != "float32" \
-        else PARITY_TOLERANCE
+    return PARITY_TOLERANCE if contract.kv_dtype == "float32" else TOLERANCE[FLOAT_NAMES[contract.kv_dtype]]
 
 
 def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, contract: GraphContract,
@@ -432,9 +437,8 @@ def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, con
     tokens = rng.integers(0, draft.embed.shape[0], (1, 2 * rows))
     features = rng.standard_normal((1, rows, contract.feature_width)).astype(np.float32)
     hidden = rng.standard_normal((1, rows, contract.hidden_size)).astype(np.float32)
-    device = "cpu" if contract.kv_dtype != "bfloat16" else "cuda"  # bfloat16 graphs have no CPU kernels
-    session, placement = open_session(path, device)
-    committer, _ = open_session(committer_path, device)
+    session, placement = open_session(path, check_provider(contract))
+    committer, _ = open_session(committer_path, placement.name)
     ort = DecoderSession(session, committer, contract, placement)
     ort.reserve(2 * rows)
     first = chain(rows)
@@ -465,13 +469,12 @@ def draft_parity(draft: FeatureDraftModel, path: Path, committer_path: Path, con
             "hidden_tolerance": hidden_tolerance, "provider": placement.name}
 
 
-def _held_out_tau(bundle_dir: Path, held_out: DistillationSet) -> float:
+def _held_out_tau(bundle_dir: Path, held_out: DistillationSet, provider: str) -> float:
     """Tokens per target call of greedy speculative decoding on the starts of held-out texts (tree speculation,
     no n-grams: the draft alone)."""
     from specx.runtime.generator import Generator  # the runtime, exactly as users run it
 
-    bfloat16 = Bundle.load(bundle_dir).manifest.target.contract.kv_dtype == "bfloat16"
-    generator = Generator.load(bundle_dir, provider="cuda" if bfloat16 else "cpu")  # bf16: CUDA only
+    generator = Generator.load(bundle_dir, provider=provider)
     calls = tokens = 0
     for text in held_out.tokens[:TAU_PROMPTS]:
         prompt = text[:TAU_PROMPT_TOKENS].tolist()

@@ -28,9 +28,9 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-4, "int4": 1e-4, "fp16-int8"
 # share of the largest logit, or speculation changes the output. fp32 differs by ~2e-5 of ~20 (summation order);
 # MatMulNBits at accuracy_level 4 (int8 activations) by 0.4-2.4 on SmolLM2-135M: a one-row call (attention's M=1
 # GEMM; MatMulNBits at blocks over 32) differs from a multi-row one by ~1e-7 and quantizing activations amplifies
-# that. Padded passes (contract.padded_attention, min_rows / row_multiple) make chains bit-exact; trees stay inexact (a node's
-# ancestors sit apart in the pass, so the softmax sums them in another order), and there any difference counts: a
-# tiny model's trees measured 6e-6 apart and still changed a greedy output. accuracy_level 0: 6e-5.
+# that. Padded passes (contract.padded_attention, min_rows / row_multiple) make chains bit-exact; trees stay inexact
+# (a node's ancestors sit apart in the pass, so the softmax sums them in another order), and there any difference
+# counts: a tiny model's trees measured 6e-6 apart and still changed a greedy output. accuracy_level 0: 6e-5.
 ROW_CONSISTENCY = 1e-3
 VALIDATION_PAST = 7
 VALIDATION_TREE_NODES = 9

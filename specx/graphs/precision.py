@@ -36,11 +36,10 @@ class Precision:
 
     def quantized(self, bits: int) -> "Precision":
         """The same activations with ``bits``-bit weights (a derived self:int4 draft of an fp16 target: fp16-int4)."""
-        name = f"{self.float_name}-int{bits}" if self.activations == "float16" else f"int{bits}"
         if self.activations == "bfloat16":
             raise ValueError(f"{self.name} has no weight-quantized format (MatMulNBits is built for float32 and "
                              "float16 activations here); use a float draft, or export --dtype fp16 for int4/int8")
-        return PRECISIONS[name]
+        return PRECISIONS[f"{self.float_name}-int{bits}" if self.activations == "float16" else f"int{bits}"]
 
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
