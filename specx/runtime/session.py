@@ -338,10 +338,11 @@ class DecoderSession:
         carriers = self._carriers(extra, seq)
         rows = self._padded_rows(seq) if carriers is not None else seq
         if rows == seq:
-            return self._pass(input_ids, position_ids, tree_mask, extra, wanted)
+            return self._pass(input_ids, position_ids, tree_mask, extra, carriers, wanted)
         # a target exact only on padded passes (contract.min_rows): the dummies may reach the spare rows past the
         # capacity checked above; a draft's pass padded to a fixed bucket; dummies are never committed
-        buffers = self._pass(*pad_rows(input_ids, position_ids, tree_mask, rows), _pad_extra(extra, seq, rows), wanted)
+        buffers = self._pass(*pad_rows(input_ids, position_ids, tree_mask, rows), _pad_extra(extra, seq, rows),
+                             carriers, wanted)  # padding keeps which extra inputs carry the rows
         self._pending_len, self._pending_ids = seq, self._pending_ids[:seq]
         self.outputs = {name: host[:, :seq] for name, host in self.outputs.items()}
         return {name: (host[:, :seq], value) for name, (host, value) in buffers.items()}  # (batch, seq, ...)
@@ -363,11 +364,12 @@ class DecoderSession:
         return bucket_size(rows, self._pad_to, self.capacity - self.past_len) if self._pad_to else rows
 
     def _pass(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
-              extra: Mapping[str, np.ndarray] | None, wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
-        """Run a pass whose shapes ``_run`` checked: on fixed buffers where its length is a bucket, else bound anew."""
+              extra: Mapping[str, np.ndarray] | None, carriers: tuple[bool, ...] | None,
+              wanted: str) -> dict[str, tuple[np.ndarray, ort.OrtValue]]:
+        """Run a pass whose shapes ``_run`` checked: on fixed buffers where its length is a bucket and its extra
+        inputs each carry its rows or none (``carriers``), else bound anew."""
         seq = input_ids.shape[1]
-        carriers = self._carriers(extra, seq) if seq in self.fixed_buckets else None
-        if carriers is not None:
+        if carriers is not None and seq in self.fixed_buckets:
             return self._run_fixed(input_ids, position_ids, tree_mask, extra, carriers, wanted)
         io = self._bindings[wanted]
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
