@@ -541,45 +541,34 @@ def padded_trees(gen: Any) -> Iterator[None]:
 def parity(ctx: Context, rng: np.random.Generator) -> dict[str, Any]:
     """Device vs CPU logits of one tree pass after a past, and the device's next_tokens against their argmax; where
     the CPU cannot run the dtype, the device against PyTorch as export measured it (on the GPU)."""
-    from specx.runtime.decoding import prefill
-
     vocab = ctx.device.target.contract.vocab_size
     past = rng.integers(0, vocab, ctx.settings.parity_past).astype(np.int64)
     tree = random_tree(ctx.settings.parity_nodes, rng)
     tokens = rng.integers(0, vocab, tree.size).astype(np.int64)
     args = (tokens[None], tree.positions(past.size), tree.attention_mask(past.size))
-    if ctx.cpu is None:
-        return device_only_parity(ctx, past, args)
-    logits = {}
-    for name, gen in (("device", ctx.device), ("cpu", ctx.cpu)):
-        gen.target.reset()
-        gen.target.reserve(past.size + tree.size)
-        prefill(gen.target, past)
-        logits[name] = gen.target.forward(*args)[0].astype(np.float64)
-    device_argmax = ctx.device.target.forward_tokens(*args)[0]
-    diff = float(np.max(np.abs(logits["device"] - logits["cpu"])))
-    return {"max_abs_logit_diff": diff, "max_abs_logit": float(np.max(np.abs(logits["cpu"]))),
-            "argmax_agreement": float(np.mean(logits["device"].argmax(-1) == logits["cpu"].argmax(-1))),
-            "device_next_tokens_equal_argmax": bool(np.array_equal(device_argmax, logits["device"].argmax(-1))),
-            "nodes": int(tree.size), "past": int(past.size)}
+    device = tree_logits(ctx.device, past, args)
+    result = {"device_next_tokens_equal_argmax": bool(np.array_equal(ctx.device.target.forward_tokens(*args)[0],
+                                                                     device.argmax(-1))),
+              "nodes": int(tree.size), "past": int(past.size)}
+    if ctx.cpu is None:  # export's |ORT - torch| on this device stands for device vs CPU
+        exported = manifest_parity(ctx.bundle)["target"]
+        return {**result, "max_abs_logit_diff": float(exported.get("max_abs_logit_diff", float("nan"))),
+                "reference": f"PyTorch at export ({exported.get('provider', 'not measured')})",
+                "max_abs_logit": float(np.max(np.abs(device))), "argmax_agreement": float("nan")}
+    cpu = tree_logits(ctx.cpu, past, args)
+    return {**result, "max_abs_logit_diff": float(np.max(np.abs(device - cpu))),
+            "max_abs_logit": float(np.max(np.abs(cpu))),
+            "argmax_agreement": float(np.mean(device.argmax(-1) == cpu.argmax(-1)))}
 
 
-def device_only_parity(ctx: Context, past: np.ndarray, args: tuple) -> dict[str, Any]:
-    """A dtype the CPU cannot run: export's |ORT - torch| on this device stands for device vs CPU."""
+def tree_logits(gen: Any, past: np.ndarray, args: tuple) -> np.ndarray:
+    """``gen``'s target logits of one tree pass (``args``) after ``past`` committed tokens, float64."""
     from specx.runtime.decoding import prefill
 
-    target = ctx.device.target
-    target.reset()
-    target.reserve(past.size + args[0].shape[1])
-    prefill(target, past)
-    logits = target.forward(*args)[0].astype(np.float64)
-    exported = json.loads((ctx.bundle / "manifest.json").read_text())["target"]["parity"]
-    return {"max_abs_logit_diff": float(exported.get("max_abs_logit_diff", float("nan"))),
-            "reference": f"PyTorch at export ({exported.get('provider', 'not measured')})",
-            "max_abs_logit": float(np.max(np.abs(logits))), "argmax_agreement": float("nan"),
-            "device_next_tokens_equal_argmax": bool(np.array_equal(target.forward_tokens(*args)[0],
-                                                                   logits.argmax(-1))),
-            "nodes": int(args[0].shape[1]), "past": int(past.size)}
+    gen.target.reset()
+    gen.target.reserve(past.size + args[0].shape[1])
+    prefill(gen.target, past)
+    return gen.target.forward(*args)[0].astype(np.float64)
 
 
 def logit_gap(gen: Any, prompt: Sequence[int], generated: Sequence[int], a: int, b: int) -> float:
