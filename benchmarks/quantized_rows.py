@@ -51,10 +51,10 @@ INT8_MAX = 127.0
 INT7_MAX = 63.0  # q7row: weights in [-63, 63]
 
 
-def build_float_graphs(source: str, work: Path) -> tuple[dict[bool, Path], dict]:
-    """The fp32 target graph with its own lm_head (quantizable), built once without and once with the dummy
-    attention row (``padded_attention``; the in-graph -chains variants), rotary tables one row longer in both (what
-    padded passes need)."""
+def build_float_graphs(source: str, work: Path, padded: bool) -> tuple[dict[bool, Path], dict]:
+    """The fp32 target graph with its own lm_head (quantizable), its rotary tables one row longer (what padded
+    passes need); where ``padded`` (an in-graph -chains variant is asked for), once more with the dummy attention
+    row (``padded_attention``)."""
     from specx.exporter.adapters import adapter_for
     from specx.exporter.onnx_export import export_decoder
     from specx.exporter.sources import load_source
@@ -62,9 +62,11 @@ def build_float_graphs(source: str, work: Path) -> tuple[dict[bool, Path], dict]
 
     loaded = load_source(source, "fp32")
     adapter = adapter_for(loaded.model.config)
-    paths = {False: work / "fp32.onnx", True: work / "fp32-attnpad.onnx"}
+    paths = {False: work / "fp32.onnx"}
     contract = export_decoder(adapter, loaded.model, paths[False], "float32", head="own", min_rows=EXACT_MIN_ROWS)
-    export_decoder(adapter, loaded.model, paths[True], "float32", head="own", padded_attention=True)
+    if padded:
+        paths[True] = work / "fp32-attnpad.onnx"
+        export_decoder(adapter, loaded.model, paths[True], "float32", head="own", padded_attention=True)
     return paths, contract.to_dict()
 
 
@@ -246,7 +248,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")
     rows_list = tuple(int(r) for r in args.rows.split(","))
-    graphs, contract = build_float_graphs(args.source, work)
+    graphs, contract = build_float_graphs(args.source, work, any(in_graph_padding(name) for name in names))
     paths = {name: make_variant(name, graphs[in_graph_padding(name)], work) for name in names}
     decoders = {name: decoder(path, graphs[in_graph_padding(name)], variant_contract(name, contract), args.threads)
                 for name, path in paths.items()}
