@@ -83,6 +83,10 @@ def train_draft_command(
     checkpoint_steps: int = typer.Option(0, help="Also save it every this many steps (0: by time alone)."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16: the target copy that writes and labels the text, "
                                                "and the draft's autocast (auto: bf16 where it measures faster)."),
+    teacher: str = typer.Option("auto", help="What labels the text: graph (the bundle's own target graph at its "
+                                             "dtype: the features and distributions the draft meets when it "
+                                             "runs), source (the PyTorch source model, batched) or auto (graph "
+                                             "for int8/int4 targets, whose numbers are not the source's)."),
     collective_timeout: float = typer.Option(1800.0, help="Under torchrun: seconds a process waits for the others "
                                                           "before the job fails."),
 ) -> None:
@@ -100,7 +104,7 @@ def train_draft_command(
                                     draft_layers=draft_layers, hard_label=hard_label, work_dir=work_dir,
                                     resume=resume, batch=batch, shard_tokens=shard_tokens,
                                     checkpoint_minutes=checkpoint_minutes, checkpoint_steps=checkpoint_steps,
-                                    precision=precision, collective_timeout=collective_timeout)
+                                    precision=precision, teacher=teacher, collective_timeout=collective_timeout)
         result = train_draft(request, progress.phase, progress.bar)
         if result.training:  # the process that wrote the bundle (the main one of a torchrun job)
             minutes = result.training.get("total_seconds", 0) / 60

@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specx.drafttrain.data import (LABELS_BAR, MAX_ROUNDS, ORDER_STREAM, TEXTS_BAR, TOP_K, DistillationSet,
-                                   Progress, TextShard, corpus_texts, distill, next_round, text_length, text_shares,
+                                   Progress, ProgressBar, TextShard, corpus_texts, distill, next_round, text_length, text_shares,
                                    write_text_shard)
 from specx.drafttrain.distributed import Ranks
 from specx.drafttrain.precision import fast_dtype
@@ -52,6 +52,7 @@ class DataRequest:
     layers: tuple[int, ...]
     shard_tokens: int
     precision: str  # auto | fp32 | bf16: the target copy that writes and labels the text
+    teacher: dict | None = None  # labels from the bundle's graph (teacher.teacher_identity); None: the source model
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,16 @@ def texts_phase(work: Path, fingerprint: str, request: DataRequest) -> Phase:
 
 def labels_phase(work: Path, texts: Phase, request: DataRequest, dtype: str) -> Phase:
     corpus = [[Path(p).name, hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]] for p in request.corpus]
+    teacher = {"teacher": request.teacher} if request.teacher is not None else {}  # a source teacher: as before
     return Phase(work / "labels", {"recipe": DATA_VERSION, "texts": texts.identity, "dtype": dtype, "corpus": corpus,
-                                   "layers": list(request.layers), "top_k": TOP_K})
+                                   "layers": list(request.layers), "top_k": TOP_K, **teacher})
 
 
 def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: Ranks, step: Step,  # noqa: ANN001
-                  progress: Progress) -> TrainingData:
+                  progress: Progress, graph_teacher: Callable[[], Labeller] | None = None) -> TrainingData:
     """The labelled texts: from the work directory where an earlier run made them (whole or in part), else written
-    now; each process writes its own shards."""
+    now; each process writes its own shards. ``graph_teacher`` (with ``request.teacher``): makes the labeller of
+    the bundle's graph (teacher.GraphTeacher.label), called only if some label shard is still to write."""
     texts = texts_phase(work, target_fingerprint(loaded.model, loaded.tokenizer), request)
     reusable = _complete_labels(work, texts, request)
     if reusable is not None:
@@ -108,11 +111,28 @@ def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: 
     ordered = _order(generated + corpus_texts(loaded.tokenizer, request.corpus), request.seed)
     if len(ordered) < MIN_TEXTS:
         raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
-    labels = labels_phase(work, texts, request, record["dtype"])
+    dtype = record["dtype"] if graph_teacher is None else f"graph {request.teacher['dtype']}"
+    labels = labels_phase(work, texts, request, dtype)
     labels_record = _start(labels, ranks, dict)
     reused += ["labels"] if _any_shard(labels) else []
-    data = _write_labels(labels, labels_record, writer, ordered, request, ranks, progress)
-    return TrainingData(data, labels.digest, record["dtype"], tuple(reused))
+    labeller = _Labeller(graph_teacher) if graph_teacher is not None else \
+        (lambda texts, bar: distill(writer(dtype), texts, request.layers, bar=bar))
+    data = _write_labels(labels, labels_record, labeller, ordered, request, ranks, progress)
+    return TrainingData(data, labels.digest, dtype, tuple(reused))
+
+
+Labeller = Callable[[list[np.ndarray], ProgressBar], DistillationSet]  # texts, the bar to report to -> their labels
+
+
+class _Labeller:
+    """The graph teacher's labeller, made on first use (a run whose label shards exist loads no graph)."""
+
+    def __init__(self, make: Callable[[], Labeller]):
+        self.make, self.labeller = make, None
+
+    def __call__(self, texts: list[np.ndarray], bar: ProgressBar) -> DistillationSet:
+        self.labeller = self.labeller or self.make()
+        return self.labeller(texts, bar)
 
 
 def _resolve(precision: str, device: str) -> str:
@@ -219,7 +239,7 @@ def label_chunks(sizes: list[int], shard_tokens: int) -> list[tuple[int, int]]:
     return chunks + ([(start, len(sizes))] if start < len(sizes) else [])
 
 
-def _write_labels(phase: Phase, record: dict, writer: _Writer, texts: list[np.ndarray], request: DataRequest,
+def _write_labels(phase: Phase, record: dict, labeller: Labeller, texts: list[np.ndarray], request: DataRequest,
                   ranks: Ranks, progress: Progress) -> DistillationSet:
     if phase.complete(record):
         return _load_labels(phase, record["shards"])
@@ -229,7 +249,7 @@ def _write_labels(phase: Phase, record: dict, writer: _Writer, texts: list[np.nd
     bar = progress(LABELS_BAR, sum(t.size for _, a, b in mine for t in texts[a:b]))
     try:
         for index, a, b in mine:
-            labelled = distill(writer(phase.identity["dtype"]), texts[a:b], request.layers, bar=bar)
+            labelled = labeller(texts[a:b], bar)
             phase.save_shard(index, labelled.arrays(), ranks.rank)
     finally:
         bar.close()

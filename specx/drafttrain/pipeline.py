@@ -33,7 +33,8 @@ from specx.drafttrain.checkpoint import load_draft, save_draft
 from specx.drafttrain.data import DEFAULT_SHARD_TOKENS, TOP_K, DistillationSet, Progress, draft_vocabulary, no_progress
 from specx.drafttrain.distributed import DEFAULT_TIMEOUT_SECONDS, Ranks, processes
 from specx.drafttrain.model import FeatureDraftModel
-from specx.drafttrain.phases import PRECISIONS, DataRequest, TrainingData, training_data
+from specx.drafttrain.phases import PRECISIONS, DataRequest, TrainingData, target_fingerprint, training_data
+from specx.drafttrain.teacher import TEACHERS, GraphTeacher, resolve_teacher, teacher_graph, teacher_identity
 from specx.drafttrain.precision import fast_dtype
 from specx.drafttrain.train import (CHECKPOINT_MINUTES, Checkpointing, TrainConfig, TrainLog, agreement,
                                     default_feature_layers, new_draft, train)
@@ -99,6 +100,7 @@ class TrainDraftRequest:
     checkpoint_minutes: float = CHECKPOINT_MINUTES
     checkpoint_steps: int = 0  # also checkpoint every this many steps (0: by time alone)
     precision: str = "auto"  # auto | fp32 | bf16: the target copy writing and labelling the text, the draft's autocast
+    teacher: str = "auto"  # auto | graph | source: what labels the text (teacher.resolve_teacher)
     collective_timeout: float = DEFAULT_TIMEOUT_SECONDS  # seconds a process waits for the others
 
 
@@ -143,9 +145,11 @@ def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, devic
         use = _disk_use(work, loaded, adapter, layers, request)
         with step(f"work directory {work}: {use.describe()}"):
             check_disk(work, use)
+        teacher = _graph_teacher(work, manifest, loaded, adapter, layers, request.teacher, step)
         data_request = DataRequest(request.tokens, request.seed, request.corpus, layers, request.shard_tokens,
-                                   request.precision)
-        made = training_data(work, loaded, data_request, device, ranks, step, progress)
+                                   request.precision, teacher[0] if teacher else None)
+        made = training_data(work, loaded, data_request, device, ranks, step, progress,
+                             teacher[1] if teacher else None)
         trained = _training_phase(work, made, loaded, adapter, layers, request, device, ranks, progress)
         if not ranks.main:
             return TrainDraftResult(bundle.path, {}, ranks.rank)
@@ -153,6 +157,22 @@ def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, devic
     if not request.cache_data:
         clear_work_dir(work)
     return result
+
+
+def _graph_teacher(work: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
+                   teacher: str, step: Step) -> tuple[dict, Callable] | None:
+    """With the graph as teacher (teacher.resolve_teacher): its identity and a maker of its labeller, which
+    exports the teacher graph into the work directory (once) and opens it where the bundle's graphs run."""
+    if resolve_teacher(teacher, manifest) != "graph":
+        return None
+    fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
+
+    def make() -> Callable:
+        root, entry = teacher_graph(work, manifest, loaded, adapter, layers, fingerprint, step)
+        provider = "cuda" if entry.contract.kv_dtype == "bfloat16" else "auto"  # bf16: CUDA kernels only
+        return GraphTeacher(root, entry, provider).label
+
+    return teacher_identity(manifest, layers, fingerprint), make
 
 
 @contextlib.contextmanager
@@ -320,6 +340,8 @@ def _check_request(request: TrainDraftRequest) -> None:
         raise InvalidArgumentError(f"--collective-timeout must be positive, got {request.collective_timeout}")
     if request.precision != "auto" and request.precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown --precision {request.precision!r}; use auto, fp32 or bf16")
+    if request.teacher not in TEACHERS:
+        raise InvalidArgumentError(f"unknown --teacher {request.teacher!r}; use {', '.join(TEACHERS)}")
     if request.draft_bits is not None and request.draft_bits not in SUPPORTED_BITS:
         raise InvalidArgumentError(f"draft quantization must be int8 or int4, got {request.draft_bits} bits")
     for path in request.corpus:

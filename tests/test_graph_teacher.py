@@ -1,0 +1,105 @@
+"""`specx train-draft --teacher graph`: the labels (features, top-K distributions) come from the bundle's own target
+graph. On an fp32 bundle they are the source model's; on an int4 bundle the draft trained on them stays lossless."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specx.drafttrain.data import ProgressBar, distill
+from specx.drafttrain.phases import target_fingerprint
+from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
+from specx.drafttrain.teacher import GraphTeacher, resolve_teacher, teacher_graph, top_k
+from specx.drafttrain.train import default_feature_layers
+from specx.errors import InvalidArgumentError
+from specx.exporter.adapters import adapter_for
+from specx.exporter.pipeline import ExportRequest, export_bundle
+from specx.exporter.sources import load_source
+from specx.runtime.bundle import Bundle
+from specx.runtime.generator import Generator
+from tests import tiny_models
+
+TRAIN_TOKENS = 3000
+DRAFT_VOCAB = 200
+EPOCHS = 10
+PROMPTS = ("def f1", "the quick brown fox", "one two three")
+
+
+def _step(_: str):
+    return contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module")
+def predictable_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save_trained_llama(tmp_path_factory.mktemp("hf") / "tiny-llama-trained")
+
+
+def _bundle(root: Path, source: Path, dtype: str) -> Path:
+    out = root / f"tiny-{dtype}"
+    export_bundle(ExportRequest(str(source), draft="none", output=out, dtype=dtype, ngram_tokens=0))
+    return out
+
+
+def test_top_k_is_the_softmax_s_largest_most_likely_first():
+    logits = np.random.default_rng(0).standard_normal((5, 300)).astype(np.float32) * 4
+    ids, probs = top_k(logits, 7)
+    want_probs, want_ids = torch.softmax(torch.from_numpy(logits), dim=-1).topk(7, dim=-1)
+    assert np.array_equal(ids, want_ids.numpy()) and ids.dtype == np.int32
+    np.testing.assert_allclose(probs, want_probs.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_graph_teacher_of_an_fp32_bundle_labels_what_the_source_does(predictable_dir: Path, tmp_path: Path):
+    bundle = Bundle.load(_bundle(tmp_path, predictable_dir, "fp32"))
+    loaded = load_source(str(predictable_dir), "fp32")
+    adapter = adapter_for(loaded.model.config)
+    layers = default_feature_layers(adapter.spec.num_layers)
+    fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
+    root, entry = teacher_graph(tmp_path / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
+    again = teacher_graph(tmp_path / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
+    assert again == (root, entry) and (root / entry.graph).exists()  # exported once, then reused
+    rng = np.random.default_rng(1)
+    texts = [rng.integers(3, adapter.spec.vocab_size, n).astype(np.int64) for n in (9, 1, 23, 40)]
+    graph = GraphTeacher(root, entry, "cpu").label(texts, ProgressBar())
+    source = distill(loaded.model, texts, layers)
+    assert np.array_equal(graph.offsets, source.offsets) and len(graph.tokens) == 3  # the 1-token text is dropped
+    np.testing.assert_allclose(graph.features.astype(np.float32), source.features.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+    assert np.mean(graph.top_ids == source.top_ids) > 0.99  # ties among the tail may swap
+    assert np.array_equal(graph.top_ids[:, 0], source.top_ids[:, 0])
+    np.testing.assert_allclose(graph.top_probs.astype(np.float32), source.top_probs.astype(np.float32), atol=2e-3)
+
+
+def test_auto_teaches_quantized_targets_with_their_graph(predictable_dir: Path, tmp_path: Path):
+    fp32, int4 = (Bundle.load(_bundle(tmp_path, predictable_dir, d)).manifest for d in ("fp32", "int4"))
+    assert resolve_teacher("auto", fp32) == "source" and resolve_teacher("auto", int4) == "graph"
+    assert resolve_teacher("source", int4) == "source" and resolve_teacher("graph", fp32) == "graph"
+    with pytest.raises(InvalidArgumentError, match="--teacher"):
+        train_draft(TrainDraftRequest(tmp_path / "tiny-int4", tokens=100, teacher="int4"), _step)
+
+
+def test_a_draft_taught_by_an_int4_graph_is_lossless_and_says_so(predictable_dir: Path, tmp_path: Path):
+    out = _bundle(tmp_path, predictable_dir, "int4")
+    work = tmp_path / "work"
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=EPOCHS, work_dir=work),
+                _step)
+    training = Bundle.load(out).manifest.draft.training
+    assert training["data_precision"] == "graph int4"
+    labels = json.loads((work / "labels" / "manifest.json").read_text())["identity"]
+    assert labels["teacher"]["dtype"] == "int4" and labels["teacher"]["quantization"]["bits"] == 4
+    gen = Generator.load(out, provider="cpu")
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=20, mode="autoregressive", ignore_eos=True)
+        spec = gen.generate(prompt, max_new_tokens=20, mode="speculative", ignore_eos=True, tree_budget=1,
+                            tree_depth=1)
+        assert spec.tokens == plain.tokens and spec.stats.draft_calls > 0, prompt
+    # the source as teacher: other labels (a new labels phase over the same texts, which are reused)
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=1, work_dir=work,
+                                  teacher="source"), _step)
+    training = Bundle.load(out).manifest.draft.training
+    assert training["data_precision"] != "graph int4" and "texts" in training["resumed"]
+    assert "teacher" not in json.loads((work / "labels" / "manifest.json").read_text())["identity"]
