@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from specx.drafttrain.data import ProgressBar, distill
 from specx.drafttrain.phases import target_fingerprint
 from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
-from specx.drafttrain.teacher import GraphTeacher, resolve_teacher, teacher_graph, top_k
+from specx.drafttrain.teacher import GraphTeacher, resolve_teacher, teacher_graph
 from specx.drafttrain.train import default_feature_layers
 from specx.errors import InvalidArgumentError
 from specx.exporter.adapters import adapter_for
@@ -43,14 +42,6 @@ def _bundle(root: Path, source: Path, dtype: str) -> Path:
     out = root / f"tiny-{dtype}"
     export_bundle(ExportRequest(str(source), draft="none", output=out, dtype=dtype, ngram_tokens=0))
     return out
-
-
-def test_top_k_is_the_softmax_s_largest_most_likely_first():
-    logits = np.random.default_rng(0).standard_normal((5, 300)).astype(np.float32) * 4
-    ids, probs = top_k(logits, 7)
-    want_probs, want_ids = torch.softmax(torch.from_numpy(logits), dim=-1).topk(7, dim=-1)
-    assert np.array_equal(ids, want_ids.numpy()) and ids.dtype == np.int32
-    np.testing.assert_allclose(probs, want_probs.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_the_graph_teacher_of_an_fp32_bundle_labels_what_the_source_does(predictable_dir: Path, tmp_path: Path):

@@ -5,8 +5,8 @@ source's: a draft trained on the graph's own agrees with what it will meet at de
 
     work/teacher/   target.onnx (+ data) with a FEATURES output, its KV-commit helper, entry.json (the ModelEntry
                     and what made it); exported once, reused by a resumed run
-    label(texts)    per text one pass over all its tokens on a fresh cache (the runtime's DecoderSession, the
-                    provider the checks use), logits -> softmax -> top-K, FEATURES -> float16
+    label(texts)    per text one pass over all its tokens on a fresh cache (the runtime's DecoderSession): the
+                    graph's own Softmax -> TopK(TOP_K) outputs (the logits never leave it), FEATURES -> float16
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ def teacher_identity(manifest: Manifest, layers: Sequence[int], fingerprint: str
     dtype and quantization, and the feature layers read from it (the graph is exported from the source, as the
     bundle's was)."""
     return {"source": fingerprint, "dtype": manifest.dtype, "quantization": manifest.target.quantization or {},
-            "layers": list(layers)}
+            "layers": list(layers), "top_k": TOP_K}
 
 
 def teacher_graph(work: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
                   fingerprint: str, step: Step) -> tuple[Path, ModelEntry]:
-    """The target graph with a FEATURES output for ``layers``, at the bundle's dtype and quantization, in
-    work/teacher (exported now unless an earlier run left the same one there)."""
+    """The target graph with a FEATURES output for ``layers`` and the top-TOP_K tokens and probabilities, at the
+    bundle's dtype and quantization, in work/teacher (exported now unless an earlier run left the same one there;
+    labelling is 2-3x faster with the top-K in the graph than from its logits in numpy)."""
     root = work / TEACHER_DIR
     identity = teacher_identity(manifest, layers, fingerprint)
     record = root / ENTRY_FILE
@@ -67,7 +68,7 @@ def teacher_graph(work: Path, manifest: Manifest, loaded, adapter, layers: tuple
     entry = export_model("target", loaded, adapter, root, manifest.dtype, DEFAULT_OPSET, step,
                          source=manifest.target.source, feature_layers=layers,
                          accuracy_level=quantization.get("accuracy_level", ACCURACY_LEVEL),
-                         block_size=quantization.get("block_size", BLOCK_SIZE))
+                         block_size=quantization.get("block_size", BLOCK_SIZE), top_k=TOP_K)
     record.write_text(json.dumps({"identity": identity, "entry": entry.to_dict()}, indent=2))
     return root, entry
 
@@ -91,31 +92,17 @@ class GraphTeacher:
         top_probs = np.empty((total, TOP_K), np.float16)
         for text, at in zip(texts, offsets[:-1]):
             rows = slice(int(at), int(at) + text.size)
-            logits, features[rows] = self._pass(text)
-            top_ids[rows], top_probs[rows] = top_k(logits, TOP_K)
+            top_ids[rows], top_probs[rows], features[rows] = self._pass(text)
             bar.update(text.size)
         return DistillationSet(list(texts), features, top_ids, top_probs, offsets)
 
-    def _pass(self, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (seq, vocab) and features (seq, F) of one text on an empty cache (nothing is committed)."""
+    def _pass(self, text: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-K ids (seq, K), their probabilities (seq, K) and the features (seq, F) of one text on an empty cache
+        (nothing is committed)."""
         session = self.session
         session.reset()
         session.reserve(text.size + session.contract.spare_rows)
         run = chain(text.size)
-        logits = session.forward(text.reshape(1, -1).astype(np.int64), run.positions(0),
-                                 run.attention_mask(0))[0]  # (seq, vocab)
-        return logits, session.outputs[FEATURES][0]  # (seq, F)
-
-
-def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most likely tokens of each row, most likely first, and their softmax probabilities (temperature 1):
-    (rows, k) int32 and float32."""
-    logits = logits.astype(np.float32, copy=False)
-    k = min(k, logits.shape[-1])
-    idx = np.argpartition(-logits, k - 1, axis=-1)[:, :k]  # (rows, k), unordered
-    picked = np.take_along_axis(logits, idx, axis=-1)
-    order = np.argsort(-picked, axis=-1, kind="stable")
-    idx, picked = np.take_along_axis(idx, order, axis=-1), np.take_along_axis(picked, order, axis=-1)
-    peak = logits.max(axis=-1, keepdims=True)
-    norm = np.exp(logits - peak).sum(axis=-1, keepdims=True)
-    return idx.astype(np.int32), np.exp(picked - peak) / norm
+        ids, probs = session.forward_top(text.reshape(1, -1).astype(np.int64), run.positions(0),
+                                         run.attention_mask(0))  # (1, seq, K) each
+        return ids[0], probs[0], session.outputs[FEATURES][0]

@@ -198,9 +198,10 @@ def pairs_rows(bits: int | None, block_size: int) -> bool:
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
                   opset: int, progress: Progress, source: str | None = None,
                   feature_layers: tuple[int, ...] = (), accuracy_level: int = ACCURACY_LEVEL,
-                  block_size: int = BLOCK_SIZE) -> ModelEntry:
+                  block_size: int = BLOCK_SIZE, top_k: int | None = None) -> ModelEntry:
     """Build, validate (and for quantized dtypes quantize, at MatMulNBits ``accuracy_level``) one decoder graph into
-    ``staging/<role>.onnx``."""
+    ``staging/<role>.onnx``. ``top_k``: the top tokens and probabilities it computes (None: a draft's DRAFT_TOP_K,
+    none for a target)."""
     path = staging / f"{role}.onnx"
     precision = PRECISIONS[dtype]
     kv_dtype, bits = precision.activations, precision.bits
@@ -213,7 +214,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     row_multiple = EXACT_ROW_MULTIPLE if paired else 1
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
-                                  feature_layers=feature_layers, top_k=DRAFT_TOP_K if role == "draft" else 0,
+                                  feature_layers=feature_layers, top_k=(DRAFT_TOP_K if role == "draft" else 0) if top_k is None else top_k,
                                   static_shapes=static, min_rows=min_rows,
                                   row_multiple=row_multiple, padded_attention=in_graph)
     unmeasured = unmeasured_parity(dtype)
