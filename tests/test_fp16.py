@@ -68,6 +68,12 @@ def test_cuda_formats_have_static_shapes_and_match_the_dynamic_graph(tmp_path, l
                             tree_depth=3).tokens == plain
     full = Generator.load(llama_bundle, provider="cpu").generate("one two", max_new_tokens=8, ignore_eos=True).tokens
     assert plain[:4] == full[:4]
+    # to the end of a context that is no multiple of the cache block (160): the capacity stops at the context,
+    # where the rotary tables end (a capacity rounded up to 192 failed in GroupQueryAttention)
+    context = manifest["target"]["architecture"]["max_positions"]
+    prompt = gen.bundle.tokenizer.encode("one two").ids
+    end = gen.generate(prompt, max_new_tokens=context - len(prompt), mode="autoregressive", ignore_eos=True)
+    assert len(end.tokens) == context - len(prompt) and gen.target.capacity == context
 
 
 def test_quantized_targets_record_whether_their_trees_are_exact(tmp_path, llama_dir):

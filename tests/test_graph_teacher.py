@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from specx.drafttrain.data import ProgressBar, distill
+from specx.drafttrain.data import (SAMPLING_TEMPERATURE, InverseCdfSampling, ProgressBar, _continue, distill,
+                                   inverse_cdf_draw)
 from specx.drafttrain.phases import target_fingerprint
 from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
-from specx.drafttrain.teacher import GraphTeacher, resolve_teacher, teacher_graph
+from specx.drafttrain.teacher import GraphTeacher, GraphWriter, TeacherGraph, resolve_teacher, teacher_graph
 from specx.drafttrain.train import default_feature_layers
 from specx.errors import InvalidArgumentError
 from specx.exporter.adapters import adapter_for
@@ -55,7 +57,7 @@ def test_the_graph_teacher_of_an_fp32_bundle_labels_what_the_source_does(predict
     assert again == (root, entry) and (root / entry.graph).exists()  # exported once, then reused
     rng = np.random.default_rng(1)
     texts = [rng.integers(3, adapter.spec.vocab_size, n).astype(np.int64) for n in (9, 1, 23, 40)]
-    graph = GraphTeacher(root, entry, "cpu").label(texts, ProgressBar())
+    graph = GraphTeacher(TeacherGraph(root, entry, "cpu")).label(texts, ProgressBar())
     source = distill(loaded.model, texts, layers)
     assert np.array_equal(graph.offsets, source.offsets) and len(graph.tokens) == 3  # the 1-token text is dropped
     np.testing.assert_allclose(graph.features.astype(np.float32), source.features.astype(np.float32),
@@ -88,9 +90,39 @@ def test_a_draft_taught_by_an_int4_graph_is_lossless_and_says_so(predictable_dir
         spec = gen.generate(prompt, max_new_tokens=20, mode="speculative", ignore_eos=True, tree_budget=1,
                             tree_depth=1)
         assert spec.tokens == plain.tokens and spec.stats.draft_calls > 0, prompt
-    # the source as teacher: other labels (a new labels phase over the same texts, which are reused)
+    texts = json.loads((work / "texts" / "manifest.json").read_text())
+    assert texts["identity"]["writer"]["dtype"] == "int4" and texts["dtype"] == "graph int4"  # the graph wrote them
+    # the source as teacher: other texts and labels (phases whose identities name no graph)
     train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=1, work_dir=work,
                                   teacher="source"), _step)
-    training = Bundle.load(out).manifest.draft.training
-    assert training["data_precision"] != "graph int4" and "texts" in training["resumed"]
-    assert "teacher" not in json.loads((work / "labels" / "manifest.json").read_text())["identity"]
+    assert Bundle.load(out).manifest.draft.training["data_precision"] != "graph int4"
+    for phase, key in (("texts", "writer"), ("labels", "teacher")):
+        assert key not in json.loads((work / phase / "manifest.json").read_text())["identity"]
+
+
+def test_the_graph_writer_continues_a_batch_as_the_source_does(predictable_dir: Path, tmp_path: Path):
+    """Greedy rows of different prompt lengths, written in lockstep on one batched cache, are the source model's
+    greedy continuations (left-padded in a batch by transformers); sampled rows draw what InverseCdfSampling draws
+    from the same torch generator."""
+    bundle = Bundle.load(_bundle(tmp_path, predictable_dir, "fp32"))
+    loaded = load_source(str(predictable_dir), "fp32")
+    adapter = adapter_for(loaded.model.config)
+    layers = default_feature_layers(adapter.spec.num_layers)
+    fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
+    root, entry = teacher_graph(tmp_path / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
+    writer = GraphWriter(TeacherGraph(root, entry, "cpu"), loaded.model.config, rows=3)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, adapter.spec.vocab_size, n).tolist() for n in (5, 1, 19, 2)]  # 3 + 1 rows a batch
+    graph = _continue(writer, loaded.tokenizer, prompts, 30, greedy=True)
+    source = _continue(loaded.model, loaded.tokenizer, prompts, 30, greedy=True)
+    assert [t.tolist() for t in graph] == [t.tolist() for t in source]
+    logits = rng.standard_normal((4, adapter.spec.vocab_size)).astype(np.float32) * 3
+    torch.manual_seed(7)
+    drawn = inverse_cdf_draw(logits, SAMPLING_TEMPERATURE)
+    torch.manual_seed(7)
+    scores = InverseCdfSampling(SAMPLING_TEMPERATURE)(None, torch.from_numpy(logits))
+    assert drawn.tolist() == scores.argmax(dim=-1).tolist()
+    torch.manual_seed(3)
+    sampled = _continue(writer, loaded.tokenizer, prompts, 30, greedy=False)
+    assert [t.size for t in sampled] == [t.size for t in graph] and any(
+        a.tolist() != b.tolist() for a, b in zip(sampled, graph))

@@ -280,33 +280,55 @@ def _continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
               max_tokens: int, greedy: bool, new_only: bool = False) -> list[np.ndarray]:
     """Batched generation (left-padded). Requests (``new_only``) stop at their first end-of-sequence token; texts run
     on past it to ``max_tokens`` (what the target writes after its end token is its own text too, e.g. the next chat
-    turn), so that no row of a batch idles while the longest one finishes."""
+    turn), so that no row of a batch idles while the longest one finishes. ``model``: the PyTorch model, or a
+    writer with ``generate_rows`` (the graph teacher: specx.drafttrain.teacher.GraphWriter)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
     context = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
                   or max_tokens + width)
     new = max(1, min(max_tokens, context) - width) if not new_only else min(max_tokens, context - width)
-    sampling = LogitsProcessorList([] if greedy else [InverseCdfSampling(SAMPLING_TEMPERATURE)])
-    stops = {} if new_only else {"eos_token_id": []}  # [] : no token stops the batch
-    with torch.no_grad():
-        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
-                             pad_token_id=pad, do_sample=False, logits_processor=sampling,
-                             **stops).cpu()
+    if hasattr(model, "generate_rows"):
+        generated_rows = model.generate_rows(prompts, new, greedy, pad)  # (batch, new)
+    else:
+        generated_rows = _torch_rows(model, prompts, new, greedy, pad, new_only)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None and new_only else set()
     results = []
-    for row, prompt in enumerate(prompts):
-        generated = out[row, width:].tolist()
+    for prompt, generated in zip(prompts, generated_rows):
+        generated = list(generated)
         for k, token in enumerate(generated):
             if token in eos:
                 generated = generated[: k + 1]
                 break
         results.append(np.asarray(generated if new_only else [*prompt, *generated], dtype=np.int64))
     return results
+
+
+def _torch_rows(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new: int, greedy: bool, pad: int,
+                new_only: bool) -> list[list[int]]:
+    """Each prompt's continuation by transformers' generate (sampling: InverseCdfSampling)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    sampling = LogitsProcessorList([] if greedy else [InverseCdfSampling(SAMPLING_TEMPERATURE)])
+    stops = {} if new_only else {"eos_token_id": []}  # [] : no token stops the batch
+    with torch.no_grad():
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
+                             pad_token_id=pad, do_sample=False, logits_processor=sampling,
+                             **stops).cpu()
+    return out[:, width:].tolist()
+
+
+def inverse_cdf_draw(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """One token per row of ``logits`` (rows, vocab), drawn at ``temperature`` by inverse CDF from one uniform
+    number per row of torch's global generator: InverseCdfSampling's draw, in numpy."""
+    scaled = logits.astype(np.float64) / temperature
+    cdf = np.cumsum(np.exp(scaled - scaled.max(axis=-1, keepdims=True)), axis=-1)  # (rows, vocab), unnormalised
+    draw = torch.rand(logits.shape[0], dtype=torch.float64).numpy() * cdf[:, -1]
+    chosen = np.array([np.searchsorted(row, d) for row, d in zip(cdf, draw)], dtype=np.int64)
+    return np.minimum(chosen, logits.shape[-1] - 1)
 
 
 class InverseCdfSampling(LogitsProcessor):

@@ -30,6 +30,7 @@ from specx.drafttrain.data import (LABELS_BAR, MAX_ROUNDS, ORDER_STREAM, TEXTS_B
                                    write_text_shard)
 from specx.drafttrain.distributed import Ranks
 from specx.drafttrain.precision import fast_dtype
+from specx.drafttrain.teacher import GraphTeaching
 from specx.drafttrain.workdir import Phase
 from specx.errors import InvalidArgumentError
 
@@ -52,7 +53,7 @@ class DataRequest:
     layers: tuple[int, ...]
     shard_tokens: int
     precision: str  # auto | fp32 | bf16: the target copy that writes and labels the text
-    teacher: dict | None = None  # labels from the bundle's graph (teacher.teacher_identity); None: the source model
+    teacher: dict | None = None  # the bundle's graph writes and labels (teacher.teacher_identity); None: the source
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,10 @@ def target_fingerprint(model: PreTrainedModel, tokenizer) -> str:  # noqa: ANN00
 
 
 def texts_phase(work: Path, fingerprint: str, request: DataRequest) -> Phase:
+    writer = {"writer": request.teacher} if request.teacher is not None else {}  # the source writes: as before
     return Phase(work / "texts", {"recipe": DATA_VERSION, "target": fingerprint, "tokens": request.tokens,
                                   "seed": request.seed, "shard_tokens": request.shard_tokens,
-                                  "precision": request.precision})
+                                  "precision": request.precision, **writer})
 
 
 def labels_phase(work: Path, texts: Phase, request: DataRequest, dtype: str) -> Phase:
@@ -91,10 +93,10 @@ def labels_phase(work: Path, texts: Phase, request: DataRequest, dtype: str) -> 
 
 
 def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: Ranks, step: Step,  # noqa: ANN001
-                  progress: Progress, graph_teacher: Callable[[], Labeller] | None = None) -> TrainingData:
+                  progress: Progress, teacher: GraphTeaching | None = None) -> TrainingData:
     """The labelled texts: from the work directory where an earlier run made them (whole or in part), else written
-    now; each process writes its own shards. ``graph_teacher`` (with ``request.teacher``): makes the labeller of
-    the bundle's graph (teacher.GraphTeacher.label), called only if some label shard is still to write."""
+    now; each process writes its own shards. ``teacher`` (with ``request.teacher``, its identity): the bundle's graph
+    writes and labels the text (opened only if some shard is still to write), else the PyTorch source."""
     texts = texts_phase(work, target_fingerprint(loaded.model, loaded.tokenizer), request)
     reusable = _complete_labels(work, texts, request)
     if reusable is not None:
@@ -104,35 +106,27 @@ def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: 
             data = data.head(request.tokens) if data.num_tokens > request.tokens * LARGER_SLACK else data
         return TrainingData(data, phase.digest, phase.identity["dtype"], ("texts", "labels"))
     writer = _Writer(loaded.model, device)
+    graph_dtype = f"graph {request.teacher['dtype']}" if teacher is not None else None
     reused = []
-    record = _start(texts, ranks, lambda: {"dtype": _resolve(request.precision, device)})
+    record = _start(texts, ranks, lambda: {"dtype": graph_dtype or _resolve(request.precision, device)})
     reused += ["texts"] if _any_shard(texts) else []
-    generated = _write_texts(texts, record, writer, loaded.tokenizer, request, ranks, progress)
+    text_model = teacher.writer if teacher is not None else (lambda: writer(record["dtype"]))
+    generated = _write_texts(texts, record, text_model, text_length(loaded.model), loaded.tokenizer, request, ranks,
+                             progress)
     ordered = _order(generated + corpus_texts(loaded.tokenizer, request.corpus), request.seed)
     if len(ordered) < MIN_TEXTS:
         raise InvalidArgumentError("too little training text; raise --tokens or add --corpus files")
-    dtype = record["dtype"] if graph_teacher is None else f"graph {request.teacher['dtype']}"
+    dtype = graph_dtype or record["dtype"]
     labels = labels_phase(work, texts, request, dtype)
     labels_record = _start(labels, ranks, dict)
     reused += ["labels"] if _any_shard(labels) else []
-    labeller = _Labeller(graph_teacher) if graph_teacher is not None else \
+    labeller = teacher.label if teacher is not None else \
         (lambda texts, bar: distill(writer(dtype), texts, request.layers, bar=bar))
     data = _write_labels(labels, labels_record, labeller, ordered, request, ranks, progress)
     return TrainingData(data, labels.digest, dtype, tuple(reused))
 
 
 Labeller = Callable[[list[np.ndarray], ProgressBar], DistillationSet]  # texts, the bar to report to -> their labels
-
-
-class _Labeller:
-    """The graph teacher's labeller, made on first use (a run whose label shards exist loads no graph)."""
-
-    def __init__(self, make: Callable[[], Labeller]):
-        self.make, self.labeller = make, None
-
-    def __call__(self, texts: list[np.ndarray], bar: ProgressBar) -> DistillationSet:
-        self.labeller = self.labeller or self.make()
-        return self.labeller(texts, bar)
 
 
 def _resolve(precision: str, device: str) -> str:
@@ -178,14 +172,16 @@ class _Writer:
 
 
 # -- texts ------------------------------------------------------------------------------------------------------
-def _write_texts(phase: Phase, record: dict, writer: _Writer, tokenizer, request: DataRequest,  # noqa: ANN001
-                 ranks: Ranks, progress: Progress) -> list[np.ndarray]:
+def _write_texts(phase: Phase, record: dict, text_model: Callable[[], PreTrainedModel], length: int,
+                 tokenizer, request: DataRequest, ranks: Ranks, progress: Progress) -> list[np.ndarray]:  # noqa: ANN001
     """Rounds of shards until every kind has its share; each round's plan follows from the shards before it (a
-    missing shard, even of a phase once complete, is written again: the same shard)."""
+    missing shard, even of a phase once complete, is written again: the same shard). ``text_model``: makes the
+    writer (the PyTorch copy, or the graph teacher's GraphWriter) on first use; ``length``: a text's planned
+    tokens (data.text_length)."""
     if phase.complete(record):
         return _load_texts(phase, record["shards"])
     started = time.perf_counter()
-    shares, length = text_shares(tokenizer), text_length(writer.model)
+    shares = text_shares(tokenizer)
     written: list[tuple[TextShard, int]] = []
     bar = progress(TEXTS_BAR, request.tokens // ranks.world_size)
     try:
@@ -195,7 +191,7 @@ def _write_texts(phase: Phase, record: dict, writer: _Writer, tokenizer, request
                 break
             for shard in shards:
                 if ranks.mine(shard.index) and not phase.has(shard.index):
-                    texts = write_text_shard(writer(record["dtype"]), tokenizer, shard, request.seed)
+                    texts = write_text_shard(text_model(), tokenizer, shard, request.seed)
                     phase.save_shard(shard.index, _token_arrays(texts), ranks.rank)
                     bar.update(sum(t.size for t in texts))
             ranks.barrier("writing a round of text shards")

@@ -34,7 +34,8 @@ from specx.drafttrain.data import DEFAULT_SHARD_TOKENS, TOP_K, DistillationSet, 
 from specx.drafttrain.distributed import DEFAULT_TIMEOUT_SECONDS, Ranks, processes
 from specx.drafttrain.model import FeatureDraftModel
 from specx.drafttrain.phases import PRECISIONS, DataRequest, TrainingData, target_fingerprint, training_data
-from specx.drafttrain.teacher import TEACHERS, GraphTeacher, resolve_teacher, teacher_graph, teacher_identity
+from specx.drafttrain.teacher import (TEACHERS, GraphTeaching, TeacherGraph, resolve_teacher, teacher_graph,
+                                     teacher_identity)
 from specx.drafttrain.precision import fast_dtype
 from specx.drafttrain.train import (CHECKPOINT_MINUTES, Checkpointing, TrainConfig, TrainLog, agreement,
                                     default_feature_layers, new_draft, train)
@@ -147,9 +148,8 @@ def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, devic
             check_disk(work, use)
         teacher = _graph_teacher(work, manifest, loaded, adapter, layers, request.teacher, step)
         data_request = DataRequest(request.tokens, request.seed, request.corpus, layers, request.shard_tokens,
-                                   request.precision, teacher[0] if teacher else None)
-        made = training_data(work, loaded, data_request, device, ranks, step, progress,
-                             teacher[1] if teacher else None)
+                                   request.precision, teacher.identity if teacher else None)
+        made = training_data(work, loaded, data_request, device, ranks, step, progress, teacher)
         trained = _training_phase(work, made, loaded, adapter, layers, request, device, ranks, progress)
         if not ranks.main:
             return TrainDraftResult(bundle.path, {}, ranks.rank)
@@ -160,19 +160,19 @@ def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, devic
 
 
 def _graph_teacher(work: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
-                   teacher: str, step: Step) -> tuple[dict, Callable] | None:
-    """With the graph as teacher (teacher.resolve_teacher): its identity and a maker of its labeller, which
-    exports the teacher graph into the work directory (once) and opens it where the bundle's graphs run."""
+                   teacher: str, step: Step) -> GraphTeaching | None:
+    """With the graph as teacher (teacher.resolve_teacher): the bundle's target graph, exported into the work
+    directory (once) and opened where the bundle's graphs run, on first use."""
     if resolve_teacher(teacher, manifest) != "graph":
         return None
     fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
 
-    def make() -> Callable:
+    def open_graph() -> TeacherGraph:
         root, entry = teacher_graph(work, manifest, loaded, adapter, layers, fingerprint, step)
         provider = "cuda" if entry.contract.kv_dtype == "bfloat16" else "auto"  # bf16: CUDA kernels only
-        return GraphTeacher(root, entry, provider).label
+        return TeacherGraph(root, entry, provider)
 
-    return teacher_identity(manifest, layers, fingerprint), make
+    return GraphTeaching(teacher_identity(manifest, layers, fingerprint), open_graph, loaded.model.config)
 
 
 @contextlib.contextmanager

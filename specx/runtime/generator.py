@@ -462,4 +462,5 @@ def _decoder(bundle: Bundle, entry: ModelEntry, provider: str, threads: int | No
     check_graph(session, entry.contract, entry.graph)
     check_graph(committer, entry.contract.kv_commit(), entry.kv_commit)
     return DecoderSession(session, committer, entry.contract, placement, fixed_buckets=fixed_buckets,
-                          capture=cuda_graphs and placement.name == "cuda", pad_to_buckets=pad_to_buckets)
+                          capture=cuda_graphs and placement.name == "cuda", pad_to_buckets=pad_to_buckets,
+                          max_capacity=entry.architecture.max_positions)

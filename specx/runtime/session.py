@@ -191,8 +191,9 @@ class DecoderSession:
 
     def __init__(self, decoder: ort.InferenceSession, committer: ort.InferenceSession, contract: GraphContract,
                  placement: Placement, batch: int = 1, fixed_buckets: Sequence[int] = (), capture: bool = False,
-                 pad_to_buckets: bool = False):
-        """``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
+                 pad_to_buckets: bool = False, max_capacity: int | None = None):
+        """``max_capacity``: the rows a cache may hold at most (the model's context, where the rotary tables end: a
+        static-shape graph attends over the whole capacity, so a capacity rounded past them fails). ``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
         captured as CUDA graphs when ``capture`` (the session was opened with ``cuda_graphs``); ``pad_to_buckets``:
         a shorter pass is padded with dummy rows to the next of them where the cache has room (a draft's passes,
         whose lengths vary). Extra inputs (a feature draft's features, hidden) take part where each has the pass's
@@ -220,6 +221,7 @@ class DecoderSession:
         self._extra_inputs = contract.extra_inputs
         self.outputs: dict[str, np.ndarray] = {}  # the last pass's outputs besides logits (features, hidden_states)
         self.capacity = 0
+        self.max_capacity = max_capacity
         self.past_len = 0
         self._pending_len = 0
         self.token_ids: list[int] = []  # the committed rows' tokens (batch 1): what a later prompt may reuse
@@ -265,6 +267,8 @@ class DecoderSession:
             raise InvalidArgumentError("reserve() a larger cache only on an empty cache (call reset() first)")
         # at least double: a growing conversation (reuse of earlier turns) reallocates, and so recomputes, rarely
         capacity = max(-(-rows // CACHE_BLOCK) * CACHE_BLOCK, 2 * self.capacity)
+        if self.max_capacity is not None:
+            capacity = max(rows, min(capacity, self.max_capacity))
         # + the rows a padded pass's dummies write past the context (contract.spare_rows): never committed
         shape = (self.batch, self.contract.num_kv_heads, capacity + self.contract.spare_rows, self.contract.head_dim)
         self._cache = [self._zeros(shape) for _ in self.contract.past_input_names]
