@@ -136,10 +136,11 @@ def test_cli_defaults_are_the_pipelines():
     import inspect
 
     from specx import cli
-    from specx.drafttrain.pipeline import DEFAULT_DRAFT_VOCAB, DEFAULT_TOKENS
+    from specx.drafttrain.pipeline import CPU_DEFAULT_TOKENS, DEFAULT_DRAFT_VOCAB, DEFAULT_TOKENS, default_tokens
 
     options = inspect.signature(cli.train_draft_command).parameters
-    assert options["tokens"].default.default == DEFAULT_TOKENS
+    assert options["tokens"].default.default is None and TrainDraftRequest.tokens is None  # by device:
+    assert default_tokens("cuda") == DEFAULT_TOKENS and default_tokens("cpu") == CPU_DEFAULT_TOKENS
     assert options["epochs"].default.default == TrainConfig.epochs
     assert options["draft_vocab"].default.default == DEFAULT_DRAFT_VOCAB
     assert options["draft_layers"].default.default == TrainDraftRequest.draft_layers

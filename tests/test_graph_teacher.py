@@ -15,7 +15,7 @@ from specx.drafttrain.data import (SAMPLING_TEMPERATURE, InverseCdfSampling, Pro
                                    inverse_cdf_draw)
 from specx.drafttrain.phases import target_fingerprint
 from specx.drafttrain.pipeline import TrainDraftRequest, train_draft
-from specx.drafttrain.teacher import GraphTeacher, GraphWriter, TeacherGraph, resolve_teacher, teacher_graph
+from specx.drafttrain.teacher import GraphTeacher, GraphWriter, TeacherGraph, teacher_graph
 from specx.drafttrain.train import default_feature_layers
 from specx.errors import InvalidArgumentError
 from specx.exporter.adapters import adapter_for
@@ -67,19 +67,16 @@ def test_the_graph_teacher_of_an_fp32_bundle_labels_what_the_source_does(predict
     np.testing.assert_allclose(graph.top_probs.astype(np.float32), source.top_probs.astype(np.float32), atol=2e-3)
 
 
-def test_auto_teaches_quantized_targets_with_their_graph(predictable_dir: Path, tmp_path: Path):
-    fp32, int4 = (Bundle.load(_bundle(tmp_path, predictable_dir, d)).manifest for d in ("fp32", "int4"))
-    assert resolve_teacher("auto", fp32) == "source" and resolve_teacher("auto", int4) == "graph"
-    assert resolve_teacher("source", int4) == "source" and resolve_teacher("graph", fp32) == "graph"
+def test_an_unknown_teacher_is_refused(predictable_dir: Path, tmp_path: Path):
     with pytest.raises(InvalidArgumentError, match="--teacher"):
-        train_draft(TrainDraftRequest(tmp_path / "tiny-int4", tokens=100, teacher="int4"), _step)
+        train_draft(TrainDraftRequest(_bundle(tmp_path, predictable_dir, "int4"), tokens=100, teacher="int4"), _step)
 
 
 def test_a_draft_taught_by_an_int4_graph_is_lossless_and_says_so(predictable_dir: Path, tmp_path: Path):
     out = _bundle(tmp_path, predictable_dir, "int4")
     work = tmp_path / "work"
-    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=EPOCHS, work_dir=work),
-                _step)
+    train_draft(TrainDraftRequest(out, tokens=TRAIN_TOKENS, draft_vocab=DRAFT_VOCAB, epochs=EPOCHS, work_dir=work,
+                                  teacher="graph"), _step)
     training = Bundle.load(out).manifest.draft.training
     assert training["data_precision"] == "graph int4"
     labels = json.loads((work / "labels" / "manifest.json").read_text())["identity"]

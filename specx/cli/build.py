@@ -54,8 +54,9 @@ def export(
 @app.command("train-draft")  # also `python -m specx.drafttrain` (torchrun, accelerate launch)
 def train_draft_command(
     model: str = typer.Argument(..., help="Bundle directory, or a name under $SPECX_HOME."),
-    tokens: int = typer.Option(700_000, help="Tokens of training text the target writes itself (SmolLM2-135M on a "
-                                             "2-core CPU with AMX: within the hour in all; a GPU writes far more)."),
+    tokens: Optional[int] = typer.Option(None, help="Tokens of training text the target writes itself. Default: "
+                                                    "700,000 when torch trains on a GPU, 250,000 on a CPU (the "
+                                                    "whole run within the hour for SmolLM2-135M on 2 cores)."),
     corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to train on as well (teacher-forced)."),
     draft_vocab: int = typer.Option(8192, help="Draft vocabulary: the target's most used tokens."),
     epochs: float = typer.Option(8.0, help="Passes over the training text."),
@@ -83,10 +84,10 @@ def train_draft_command(
     checkpoint_steps: int = typer.Option(0, help="Also save it every this many steps (0: by time alone)."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16: the target copy that writes and labels the text, "
                                                "and the draft's autocast (auto: bf16 where it measures faster)."),
-    teacher: str = typer.Option("auto", help="What labels the text: graph (the bundle's own target graph at its "
-                                             "dtype: the features and distributions the draft meets when it "
-                                             "runs), source (the PyTorch source model, batched) or auto (graph "
-                                             "for int8/int4 targets, whose numbers are not the source's)."),
+    teacher: str = typer.Option("source", help="Who writes and labels the text: source (the PyTorch source model, "
+                                               "batched) or graph (the bundle's own target graph at its dtype: "
+                                               "the text, features and distributions of the model the draft will "
+                                               "run beside; on an int4 SmolLM2 it measured no higher tau)."),
     collective_timeout: float = typer.Option(1800.0, help="Under torchrun: seconds a process waits for the others "
                                                           "before the job fails."),
 ) -> None:

@@ -34,8 +34,7 @@ from specx.drafttrain.data import DEFAULT_SHARD_TOKENS, TOP_K, DistillationSet, 
 from specx.drafttrain.distributed import DEFAULT_TIMEOUT_SECONDS, Ranks, processes
 from specx.drafttrain.model import FeatureDraftModel
 from specx.drafttrain.phases import PRECISIONS, DataRequest, TrainingData, target_fingerprint, training_data
-from specx.drafttrain.teacher import (TEACHERS, GraphTeaching, TeacherGraph, resolve_teacher, teacher_graph,
-                                     teacher_identity)
+from specx.drafttrain.teacher import TEACHERS, GraphTeaching, TeacherGraph, teacher_graph, teacher_identity
 from specx.drafttrain.precision import fast_dtype
 from specx.drafttrain.train import (CHECKPOINT_MINUTES, Checkpointing, TrainConfig, TrainLog, agreement,
                                     default_feature_layers, new_draft, train)
@@ -66,7 +65,10 @@ DRAFT_WEIGHTS = "draft.safetensors"  # the trained draft, in the training phase'
 CHECKPOINT = "checkpoint.safetensors"
 PHASES = ("texts", "labels", "train", "graphs")
 # SmolLM2-135M on a 2-core AMX CPU with 8 epochs: 51.7 min end to end, 1.42x greedy (docs/benchmarks.md)
-DEFAULT_TOKENS = 700_000
+DEFAULT_TOKENS = 700_000  # on a GPU (minutes)
+# On a CPU: what a 2-core CPU without AMX writes, labels and trains (8 epochs) within the hour for SmolLM2-135M
+# (a 200k run took 35 minutes there: texts 12.4, labels 3.9, training 17.7, export and checks ~1; 700k took ~2 h)
+CPU_DEFAULT_TOKENS = 250_000
 DEFAULT_DRAFT_VOCAB = 8192
 DEFAULT_DRAFT_BITS = 8  # measured: the same draft at 0.045 of a target step (fp32: 0.095), 1.15x vs 1.03x greedy
 HELD_OUT_SHARE = 0.05
@@ -83,7 +85,7 @@ Step = Callable[[str], ContextManager[None]]
 @dataclass(frozen=True)
 class TrainDraftRequest:
     bundle: Path
-    tokens: int = DEFAULT_TOKENS  # self-generated training tokens
+    tokens: int | None = None  # self-generated training tokens; None: default_tokens(device)
     corpus: tuple[Path, ...] = ()
     draft_vocab: int = DEFAULT_DRAFT_VOCAB
     device: str = "auto"  # auto | cpu | cuda: where torch trains
@@ -101,7 +103,7 @@ class TrainDraftRequest:
     checkpoint_minutes: float = CHECKPOINT_MINUTES
     checkpoint_steps: int = 0  # also checkpoint every this many steps (0: by time alone)
     precision: str = "auto"  # auto | fp32 | bf16: the target copy writing and labelling the text, the draft's autocast
-    teacher: str = "auto"  # auto | graph | source: what labels the text (teacher.resolve_teacher)
+    teacher: str = "source"  # source | graph: the PyTorch source or the bundle's target graph writes and labels
     collective_timeout: float = DEFAULT_TIMEOUT_SECONDS  # seconds a process waits for the others
 
 
@@ -126,7 +128,15 @@ def train_draft(request: TrainDraftRequest, step: Step, progress: Progress = no_
                                        "each needs a text of every batch; raise --batch")
         if not ranks.main:  # the main process reports for the job
             step, progress = _quiet, no_progress
+        if request.tokens is None:
+            request = replace(request, tokens=default_tokens(device))
         return _train_draft(request, bundle, ranks, device, step, progress)
+
+
+def default_tokens(device: str) -> int:
+    """The default budget of training text: DEFAULT_TOKENS where torch trains on a GPU, CPU_DEFAULT_TOKENS on a CPU
+    (the default run within the hour on 2 cores)."""
+    return DEFAULT_TOKENS if device == "cuda" else CPU_DEFAULT_TOKENS
 
 
 def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, device: str, step: Step,
@@ -161,9 +171,9 @@ def _train_draft(request: TrainDraftRequest, bundle: Bundle, ranks: Ranks, devic
 
 def _graph_teacher(work: Path, manifest: Manifest, loaded, adapter, layers: tuple[int, ...],  # noqa: ANN001
                    teacher: str, step: Step) -> GraphTeaching | None:
-    """With the graph as teacher (teacher.resolve_teacher): the bundle's target graph, exported into the work
-    directory (once) and opened where the bundle's graphs run, on first use."""
-    if resolve_teacher(teacher, manifest) != "graph":
+    """With the graph as teacher: the bundle's target graph, exported into the work directory (once) and opened
+    where the bundle's graphs run, on first use."""
+    if teacher != "graph":
         return None
     fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
 
@@ -318,7 +328,7 @@ def _training_record(trained: Trained, request: TrainDraftRequest, layers: tuple
 
 
 def _check_request(request: TrainDraftRequest) -> None:
-    if request.tokens < 0:
+    if request.tokens is not None and request.tokens < 0:
         raise InvalidArgumentError(f"--tokens must be >= 0, got {request.tokens}")
     if request.seed < 0:
         raise InvalidArgumentError(f"--seed must be >= 0, got {request.seed}")
