@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,18 +47,27 @@ def _bundle(root: Path, source: Path, dtype: str) -> Path:
     return out
 
 
-def test_the_graph_teacher_of_an_fp32_bundle_labels_what_the_source_does(predictable_dir: Path, tmp_path: Path):
-    bundle = Bundle.load(_bundle(tmp_path, predictable_dir, "fp32"))
+@pytest.fixture(scope="module")
+def fp32_teacher(predictable_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The source, its feature layers and the teacher graph of an fp32 bundle (the same numbers as the source)."""
+    root = tmp_path_factory.mktemp("fp32-teacher")
+    bundle = Bundle.load(_bundle(root, predictable_dir, "fp32"))
     loaded = load_source(str(predictable_dir), "fp32")
     adapter = adapter_for(loaded.model.config)
     layers = default_feature_layers(adapter.spec.num_layers)
     fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
-    root, entry = teacher_graph(tmp_path / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
-    again = teacher_graph(tmp_path / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
-    assert again == (root, entry) and (root / entry.graph).exists()  # exported once, then reused
+    graph_dir, entry = teacher_graph(root / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
+    again = teacher_graph(root / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
+    assert again == (graph_dir, entry) and (graph_dir / entry.graph).exists()  # exported once, then reused
+    return SimpleNamespace(loaded=loaded, vocab=adapter.spec.vocab_size, layers=layers,
+                           graph=TeacherGraph(graph_dir, entry, "cpu"))
+
+
+def test_the_graph_teacher_of_an_fp32_bundle_labels_what_the_source_does(fp32_teacher: SimpleNamespace):
+    loaded, layers = fp32_teacher.loaded, fp32_teacher.layers
     rng = np.random.default_rng(1)
-    texts = [rng.integers(3, adapter.spec.vocab_size, n).astype(np.int64) for n in (9, 1, 23, 40)]
-    graph = GraphTeacher(TeacherGraph(root, entry, "cpu")).label(texts, ProgressBar())
+    texts = [rng.integers(3, fp32_teacher.vocab, n).astype(np.int64) for n in (9, 1, 23, 40)]
+    graph = GraphTeacher(fp32_teacher.graph).label(texts, ProgressBar())
     source = distill(loaded.model, texts, layers)
     assert np.array_equal(graph.offsets, source.offsets) and len(graph.tokens) == 3  # the 1-token text is dropped
     np.testing.assert_allclose(graph.features.astype(np.float32), source.features.astype(np.float32),
@@ -97,23 +107,18 @@ def test_a_draft_taught_by_an_int4_graph_is_lossless_and_says_so(predictable_dir
         assert key not in json.loads((work / phase / "manifest.json").read_text())["identity"]
 
 
-def test_the_graph_writer_continues_a_batch_as_the_source_does(predictable_dir: Path, tmp_path: Path):
+def test_the_graph_writer_continues_a_batch_as_the_source_does(fp32_teacher: SimpleNamespace):
     """Greedy rows of different prompt lengths, written in lockstep on one batched cache, are the source model's
     greedy continuations (left-padded in a batch by transformers); sampled rows draw what InverseCdfSampling draws
     from the same torch generator."""
-    bundle = Bundle.load(_bundle(tmp_path, predictable_dir, "fp32"))
-    loaded = load_source(str(predictable_dir), "fp32")
-    adapter = adapter_for(loaded.model.config)
-    layers = default_feature_layers(adapter.spec.num_layers)
-    fingerprint = target_fingerprint(loaded.model, loaded.tokenizer)
-    root, entry = teacher_graph(tmp_path / "work", bundle.manifest, loaded, adapter, layers, fingerprint, _step)
-    writer = GraphWriter(TeacherGraph(root, entry, "cpu"), loaded.model.config, rows=3)
+    loaded = fp32_teacher.loaded
+    writer = GraphWriter(fp32_teacher.graph, loaded.model.config, rows=3)
     rng = np.random.default_rng(2)
-    prompts = [rng.integers(3, adapter.spec.vocab_size, n).tolist() for n in (5, 1, 19, 2)]  # 3 + 1 rows a batch
+    prompts = [rng.integers(3, fp32_teacher.vocab, n).tolist() for n in (5, 1, 19, 2)]  # 3 + 1 rows a batch
     graph = _continue(writer, loaded.tokenizer, prompts, 30, greedy=True)
     source = _continue(loaded.model, loaded.tokenizer, prompts, 30, greedy=True)
     assert [t.tolist() for t in graph] == [t.tolist() for t in source]
-    logits = rng.standard_normal((4, adapter.spec.vocab_size)).astype(np.float32) * 3
+    logits = rng.standard_normal((4, fp32_teacher.vocab)).astype(np.float32) * 3
     torch.manual_seed(7)
     drawn = inverse_cdf_draw(logits, SAMPLING_TEMPERATURE)
     torch.manual_seed(7)

@@ -1,12 +1,14 @@
-"""The bundle's own target graph as the teacher of `specx train-draft` (``--teacher graph``): the labels (features
-of the feature layers, top-K next-token probabilities) come from the ONNX graph the runtime will run, at the
-bundle's dtype, instead of from the PyTorch source model. An int4 target's features and distributions are not the
-source's: a draft trained on the graph's own agrees with what it will meet at decoding time.
+"""The bundle's own target graph as the teacher of `specx train-draft` (``--teacher graph``): the text and its labels
+(features of the feature layers, top-K next-token probabilities) come from the ONNX graph the runtime will run, at
+the bundle's dtype, instead of from the PyTorch source model. An int4 target's numbers are not the source's; on
+SmolLM2 at 200k tokens a draft taught by its int4 graph measured no higher tau than one taught by the source
+(docs/benchmarks.md), so the source stays the default.
 
-    work/teacher/   target.onnx (+ data) with a FEATURES output, its KV-commit helper, entry.json (the ModelEntry
-                    and what made it); exported once, reused by a resumed run
-    label(texts)    per text one pass over all its tokens on a fresh cache (the runtime's DecoderSession): the
-                    graph's own Softmax -> TopK(TOP_K) outputs (the logits never leave it), FEATURES -> float16
+    work/teacher/   teacher.onnx (+ data) with a FEATURES output and a Softmax-TopK head, its KV-commit helper,
+                    entry.json (the ModelEntry and what made it); exported once, reused by a resumed run
+    write(prompts)  GraphWriter: WRITE_ROWS prompts in lockstep on one batched cache, a token per row a pass
+    label(texts)    GraphTeacher: per text one pass over all its tokens on a fresh cache (the runtime's
+                    DecoderSession): the graph's top-K (the logits never leave it), FEATURES -> float16
 """
 
 from __future__ import annotations
