@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedModel
 
 from specx.drafttrain.data import (LABELS_BAR, MAX_ROUNDS, ORDER_STREAM, TEXTS_BAR, TOP_K, DistillationSet,
-                                   Progress, ProgressBar, TextShard, corpus_texts, distill, next_round, text_length, text_shares,
-                                   write_text_shard)
+                                   Progress, ProgressBar, TextShard, corpus_texts, distill, next_round, text_length,
+                                   text_shares, write_text_shard)
 from specx.drafttrain.distributed import Ranks
 from specx.drafttrain.precision import fast_dtype
 from specx.drafttrain.teacher import GraphTeaching

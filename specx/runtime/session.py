@@ -193,7 +193,8 @@ class DecoderSession:
                  placement: Placement, batch: int = 1, fixed_buckets: Sequence[int] = (), capture: bool = False,
                  pad_to_buckets: bool = False, max_capacity: int | None = None):
         """``max_capacity``: the rows a cache may hold at most (the model's context, where the rotary tables end: a
-        static-shape graph attends over the whole capacity, so a capacity rounded past them fails). ``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
+        static-shape graph attends over the whole capacity, so a capacity rounded past them fails).
+        ``fixed_buckets``: passes of these lengths run on device buffers bound once (static-shape graphs only),
         captured as CUDA graphs when ``capture`` (the session was opened with ``cuda_graphs``); ``pad_to_buckets``:
         a shorter pass is padded with dummy rows to the next of them where the cache has room (a draft's passes,
         whose lengths vary). Extra inputs (a feature draft's features, hidden) take part where each has the pass's
