@@ -327,8 +327,8 @@ def inverse_cdf_draw(logits: np.ndarray, temperature: float) -> np.ndarray:
     scaled = logits.astype(np.float64) / temperature
     cdf = np.cumsum(np.exp(scaled - scaled.max(axis=-1, keepdims=True)), axis=-1)  # (rows, vocab), unnormalised
     draw = torch.rand(logits.shape[0], dtype=torch.float64).numpy() * cdf[:, -1]
-    chosen = np.array([np.searchsorted(row, d) for row, d in zip(cdf, draw)], dtype=np.int64)
-    return np.minimum(chosen, logits.shape[-1] - 1)
+    chosen = np.sum(cdf < draw[:, None], axis=-1)  # per row: searchsorted(cdf, draw), as torch.searchsorted
+    return np.minimum(chosen, logits.shape[-1] - 1).astype(np.int64)
 
 
 class InverseCdfSampling(LogitsProcessor):

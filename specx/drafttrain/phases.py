@@ -92,6 +92,9 @@ def labels_phase(work: Path, texts: Phase, request: DataRequest, dtype: str) -> 
                                    "layers": list(request.layers), "top_k": TOP_K, **teacher})
 
 
+Labeller = Callable[[list[np.ndarray], ProgressBar], DistillationSet]  # texts, the bar to report to -> their labels
+
+
 def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: Ranks, step: Step,  # noqa: ANN001
                   progress: Progress, teacher: GraphTeaching | None = None) -> TrainingData:
     """The labelled texts: from the work directory where an earlier run made them (whole or in part), else written
@@ -124,9 +127,6 @@ def training_data(work: Path, loaded, request: DataRequest, device: str, ranks: 
         (lambda texts, bar: distill(writer(dtype), texts, request.layers, bar=bar))
     data = _write_labels(labels, labels_record, labeller, ordered, request, ranks, progress)
     return TrainingData(data, labels.digest, dtype, tuple(reused))
-
-
-Labeller = Callable[[list[np.ndarray], ProgressBar], DistillationSet]  # texts, the bar to report to -> their labels
 
 
 def _resolve(precision: str, device: str) -> str:

@@ -42,7 +42,7 @@ from specx.drafttrain.workdir import DiskUse, Phase, check_disk, digest, disk_us
 from specx.errors import ExportError, InvalidArgumentError
 from specx.exporter.adapters import adapter_for
 from specx.exporter.onnx_export import DEFAULT_OPSET, commit_path
-from specx.exporter.pipeline import export_model, with_records
+from specx.exporter.pipeline import export_model, quantized_like, with_records
 from specx.exporter.sources import load_source
 from specx.exporter.validate import TOLERANCE
 from specx.graphs.builder import save_with_external_data
@@ -51,7 +51,7 @@ from specx.graphs.feature_draft import build_feature_draft
 from specx.graphs.helpers import write_kv_commit
 from specx.graphs.passes import embed_contract, weight_bytes
 from specx.graphs.precision import FLOAT_NAMES
-from specx.graphs.quantize import (ACCURACY_LEVEL, BLOCK_SIZE, EXACT_ACCURACY_LEVEL, SUPPORTED_BITS, quantize_built, scheme,
+from specx.graphs.quantize import (ACCURACY_LEVEL, EXACT_ACCURACY_LEVEL, SUPPORTED_BITS, quantize_built, scheme,
                                    unquantized_path)
 from specx.runtime.bundle import Bundle, specx_home
 from specx.runtime.manifest import MANIFEST_FILE, ArchitectureSpec, Manifest, ModelEntry
@@ -386,9 +386,7 @@ def _write_bundle(path: Path, manifest: Manifest, loaded, adapter, layers: tuple
                 os.link(item, staging / item.name)
         target = export_model("target", loaded, adapter, staging, manifest.dtype, DEFAULT_OPSET, step,
                               source=manifest.target.source, feature_layers=layers,
-                              accuracy_level=(manifest.target.quantization or {}).get("accuracy_level",
-                                                                                     ACCURACY_LEVEL),
-                              block_size=(manifest.target.quantization or {}).get("block_size", BLOCK_SIZE))
+                              **quantized_like(manifest.target))
         target = replace(target, derived_from=manifest.target.derived_from)
         with step("building and checking the draft graph"):
             entry = export_feature_draft(draft, vocab_map, adapter.spec, target.contract, staging, training,

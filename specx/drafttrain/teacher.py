@@ -23,9 +23,8 @@ import numpy as np
 from specx.drafttrain.data import (MAX_TEXT_TOKENS, SAMPLING_TEMPERATURE, TOP_K, DistillationSet, ProgressBar,
                                    inverse_cdf_draw)
 from specx.exporter.onnx_export import DEFAULT_OPSET
-from specx.exporter.pipeline import export_model
+from specx.exporter.pipeline import export_model, quantized_like
 from specx.graphs.contract import FEATURES
-from specx.graphs.quantize import ACCURACY_LEVEL, BLOCK_SIZE
 from specx.runtime.manifest import Manifest, ModelEntry
 from specx.runtime.session import DecoderSession, default_session_options, open_session
 from specx.runtime.tree import chain
@@ -62,11 +61,9 @@ def teacher_graph(work: Path, manifest: Manifest, loaded, adapter, layers: tuple
             return root, ModelEntry.from_dict(saved["entry"])
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    quantization = manifest.target.quantization or {}
     entry = export_model(TEACHER_ROLE, loaded, adapter, root, manifest.dtype, DEFAULT_OPSET, step,
-                         source=manifest.target.source, feature_layers=layers,
-                         accuracy_level=quantization.get("accuracy_level", ACCURACY_LEVEL),
-                         block_size=quantization.get("block_size", BLOCK_SIZE), top_k=TOP_K)
+                         source=manifest.target.source, feature_layers=layers, top_k=TOP_K,
+                         **quantized_like(manifest.target))
     record.write_text(json.dumps({"identity": identity, "entry": entry.to_dict()}, indent=2))
     return root, entry
 

@@ -195,6 +195,14 @@ def pairs_rows(bits: int | None, block_size: int) -> bool:
     return block_size > (PAIRED_INT4_BLOCK if bits == 4 else PAIRED_INT8_BLOCK)
 
 
+def quantized_like(entry: ModelEntry) -> dict[str, int]:
+    """export_model's accuracy_level and block_size for a graph quantized as ``entry`` (its defaults where it is
+    not quantized): a target re-exported (train-draft's features, its teacher graph) matches the bundle's."""
+    quantization = entry.quantization or {}
+    return {"accuracy_level": quantization.get("accuracy_level", ACCURACY_LEVEL),
+            "block_size": quantization.get("block_size", BLOCK_SIZE)}
+
+
 def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, staging: Path, dtype: str,
                   opset: int, progress: Progress, source: str | None = None,
                   feature_layers: tuple[int, ...] = (), accuracy_level: int = ACCURACY_LEVEL,
@@ -203,6 +211,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     ``staging/<role>.onnx``. ``top_k``: the top tokens and probabilities it computes (None: a draft's DRAFT_TOP_K,
     none for a target)."""
     path = staging / f"{role}.onnx"
+    top_k = (DRAFT_TOP_K if role == "draft" else 0) if top_k is None else top_k
     precision = PRECISIONS[dtype]
     kv_dtype, bits = precision.activations, precision.bits
     built = unquantized_path(path) if bits else path
@@ -214,7 +223,7 @@ def export_model(role: str, loaded: LoadedModel, adapter: ArchitectureAdapter, s
     row_multiple = EXACT_ROW_MULTIPLE if paired else 1
     with progress(f"building the {role} graph for {short_name(source or loaded.source)}"):
         contract = export_decoder(adapter, loaded.model, built, kv_dtype, opset, head="own" if bits else "shared",
-                                  feature_layers=feature_layers, top_k=(DRAFT_TOP_K if role == "draft" else 0) if top_k is None else top_k,
+                                  feature_layers=feature_layers, top_k=top_k,
                                   static_shapes=static, min_rows=min_rows,
                                   row_multiple=row_multiple, padded_attention=in_graph)
     unmeasured = unmeasured_parity(dtype)
