@@ -5,7 +5,7 @@
                                         [--profile]
 
 SOURCE: what `specx export` takes (SmolLM2's GGUF: ../shared/bench/get-smollm2.sh). Variants:
-    int{4,8}-b{32,64,128,256}[-l{0,4}][-chains|-rowpad]
+    int{4,8}-b{32,64,128,256}[-l{0,4}][-chains|-rowpad][-head{fp32,8,q8}]
                                          MatMulNBits, block size, accuracy level (default 4); -chains: padded as
                                          export pads them at accuracy 4 (exact chains: a dummy attention row in the
                                          graph where MatMulNBits computes rows alike, whole passes padded by the
@@ -75,9 +75,9 @@ def in_graph_padding(name: str) -> bool:
     alike, as export chooses)."""
     from specx.exporter.pipeline import pairs_rows
 
-    if not name.endswith("-chains"):
-        return False
     parts = name.split("-")
+    if "chains" not in parts:
+        return False
     return not pairs_rows(int(parts[0][3:]), int(parts[1][1:]))
 
 
@@ -87,27 +87,42 @@ def variant_contract(name: str, contract: dict) -> dict:
     from specx.graphs.contract import EXACT_MIN_ROWS, EXACT_ROW_MULTIPLE
 
     plain = {**contract, "min_rows": 1, "row_multiple": 1, "padded_attention": False}
-    if name.endswith("-rowpad"):
+    if "rowpad" in name.split("-"):
         return {**plain, "min_rows": EXACT_MIN_ROWS}
-    if not name.endswith("-chains"):
+    if "chains" not in name.split("-"):
         return plain
     if in_graph_padding(name):
         return {**plain, "padded_attention": True}
     return {**plain, "min_rows": EXACT_MIN_ROWS, "row_multiple": EXACT_ROW_MULTIPLE}
 
 
-def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int) -> None:
+LM_HEAD = "/lm_head/MatMul"
+HEADS = ("headfp32", "head8", "headq8")  # the lm_head in another precision or kernel than the layers
+
+
+def matmulnbits(src: Path, dst: Path, bits: int, block: int, level: int, head: str | None = None) -> None:
+    """Every MatMul to MatMulNBits; ``head`` (one of HEADS) treats the lm_head otherwise."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=level)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=level,
+                                     nodes_to_exclude=[LM_HEAD] if head else None)
     quantizer.process()
-    onnx.save(quantizer.model.model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    model = quantizer.model.model
+    if head == "head8":
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, accuracy_level=level,
+                                         nodes_to_include=[LM_HEAD])
+        quantizer.process()
+        model = quantizer.model.model
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    if head == "headq8":
+        q8row(dst, dst, only=LM_HEAD)
 
 
-def q8row(src: Path, dst: Path, weight_max: float = INT8_MAX) -> None:
-    """Every MatMul with a 2-D weight -> per-row int8 activations x per-column int8 weights (MLAS QGEMM).
-    ``weight_max`` 63: 7-bit weights, so no pair of u8 x s8 products can saturate a 16-bit sum in the kernel."""
+def q8row(src: Path, dst: Path, weight_max: float = INT8_MAX, only: str | None = None) -> None:
+    """Every MatMul with a 2-D weight (or the one named ``only``) -> per-row int8 activations x per-column int8
+    weights (MLAS QGEMM). ``weight_max`` 63: 7-bit weights, so no pair of u8 x s8 products can saturate a 16-bit sum
+    in the kernel."""
     model = onnx.load(str(src))
     weights = {i.name: i for i in model.graph.initializer}
     nodes, added = [], []
@@ -119,7 +134,7 @@ def q8row(src: Path, dst: Path, weight_max: float = INT8_MAX) -> None:
               numpy_helper.from_array(np.array(128, np.uint8), "q8/z128")]
     for node in model.graph.node:
         w = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if w is None or len(w.dims) != 2:
+        if w is None or len(w.dims) != 2 or (only and node.name != only):
             nodes.append(node)
             continue
         p, x = node.name, node.input[0]
@@ -157,10 +172,10 @@ def make_variant(name: str, fp32: Path, work: Path) -> Path:
     if name in ("q8row", "q7row"):
         q8row(fp32, dst, INT8_MAX if name == "q8row" else INT7_MAX)
         return dst
-    parts = [p for p in name.split("-") if p not in ("chains", "rowpad")]  # int4-b32[-l4][-chains|-rowpad]
+    parts = [p for p in name.split("-") if p not in ("chains", "rowpad") + HEADS]  # int4-b32[-l4][-chains][-head*]
     bits, block = int(parts[0][3:]), int(parts[1][1:])
     level = int(parts[2][1:]) if len(parts) > 2 else 4
-    matmulnbits(fp32, dst, bits, block, level)
+    matmulnbits(fp32, dst, bits, block, level, next((p for p in name.split("-") if p in HEADS), None))
     return dst
 
 
@@ -229,9 +244,10 @@ def op_profile(path: Path, threads: int, f: dict) -> dict[str, float]:
     totals: collections.Counter = collections.Counter()
     for event in json.loads(Path(trace).read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            totals[event["args"]["op_name"]] += event["dur"] / 5 / 1e3
+            head = event["name"].startswith("/lm_head/")  # the lm_head's nodes apart from the layers'
+            totals[("lm_head " if head else "") + event["args"]["op_name"]] += event["dur"] / 5 / 1e3
     os.remove(trace)
-    return dict(totals.most_common(6))
+    return {op: round(ms, 3) for op, ms in totals.most_common(7)}
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def test_export_cli_to_specx_home_and_run_by_name(tmp_path, monkeypatch, models_
     bundle = tmp_path / "home" / "tiny-llama-tied"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["target"]["architecture"]["tied_embeddings"] is True and manifest["draft"] is None
-    assert manifest["ngram"]["info"]["sampled_tokens"] == 256 and (bundle / "ngram.npz").is_file()
+    assert manifest["ngram"]["info"]["sampled_tokens"] >= 256 and (bundle / "ngram.npz").is_file()
     assert manifest["target"]["parity"]["max_abs_logit_diff"] < manifest["target"]["parity"]["tolerance"]
     out = json.loads(_ok(["run", "--model", "tiny-llama-tied", "--prompt", "one", "--max-new-tokens", "3",
                           "--json"]).stdout)

@@ -28,9 +28,9 @@ def export(
                                                  "fp16 activations, for CUDA; bf16: bfloat16 (range of fp32: for "
                                                  "models whose activations overflow fp16), CUDA only (sm80+)."),
     opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
-    ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens to sample from the draft (temperature 1.5) for a "
-                                                  "static n-gram table; default 0: staged and ngram modes count the "
-                                                  "prompt and output only (measured faster)."),
+    ngram_tokens: int = typer.Option(DEFAULT_SAMPLE_TOKENS, help="Tokens of text the target writes itself (train-draft's "
+                                                  "recipe) for a static n-gram table; default 0: staged and ngram "
+                                                  "modes count the prompt and output only (as fast, measured)."),
     ngram_corpus: Optional[list[Path]] = typer.Option(None, help="Text file(s) to add to the n-gram table."),
     quant_accuracy: Optional[int] = typer.Option(None, help="MatMulNBits accuracy level of an int8/int4 target (default: 4 "
                                                 "for int8/int4, 0 for fp16-int8/fp16-int4): 4 (int8 compute, "

@@ -64,7 +64,8 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory."),
         else:
             info = m.ngram.info
             typer.echo(f"ngram    {m.ngram.file}  ({info.get('total_tokens', '?')} tokens: "
-                       f"{info.get('sampled_tokens', 0)} sampled from {info.get('sampled_from', '?')}, "
+                       f"{info.get('sampled_tokens', 0)} {'written' if info.get('text') else 'sampled'} by "
+                       f"{info.get('sampled_from', '?')}, "
                        f"{len(info.get('corpus_files', []))} corpus files)")
         for key, tuned in (m.tuning or {}).items():
             typer.echo(f"tuned    {key}: {tuned.get('mode')}{tree_text(tuned)}: {tuned.get('speedup')}x plain "

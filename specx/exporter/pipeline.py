@@ -57,7 +57,7 @@ class ExportRequest:
     output: Path | None = None
     dtype: str = "auto"  # auto or one of specx.graphs.precision.DTYPES
     opset: int = DEFAULT_OPSET
-    ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens sampled from the draft for the n-gram table (0: none)
+    ngram_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens of the target's own text for the n-gram table (0: none)
     ngram_corpus: tuple[Path, ...] = ()  # text files added to the n-gram table
     quant_accuracy: int | None = None  # MatMulNBits accuracy level of a quantized target (0: exact trees); None:
                                        # 4 for the CPU formats (int8 compute), 0 for the CUDA ones (fp16-intN)
@@ -132,7 +132,7 @@ def export_bundle(request: ExportRequest, progress: Progress = no_progress, bars
                                         request.opset, progress)
         elif derived is not None:
             draft_entry = _export_derived(derived, target, dtype, staging, request.opset, progress)
-        ngram = _write_ngram(draft or target, target_entry, request, staging, progress, bars)
+        ngram = _write_ngram(target, target_entry, request, staging, progress, bars)
         manifest = Manifest(
             name=output.name,
             dtype=dtype,
@@ -268,26 +268,25 @@ def _export_derived(derived: DerivedDraft, target: LoadedModel, dtype: str, stag
     return replace(entry, derived_from=derived.spec)
 
 
-def _write_ngram(sampler: LoadedModel, target: ModelEntry, request: ExportRequest, staging: Path,
+def _write_ngram(source: LoadedModel, target: ModelEntry, request: ExportRequest, staging: Path,
                  progress: Progress, bars: Bars | None = None) -> NgramEntry | None:
-    """The Katz trigram table, from text the draft (or, without a separate draft, the target) samples."""
+    """The Katz trigram table, from text the target writes itself (specx.exporter.ngram_build) and corpus files."""
     if request.ngram_tokens == 0 and not request.ngram_corpus:
         return None
     corpus = [Path(p) for p in request.ngram_corpus]
-    args = (sampler.model, sampler.tokenizer, target.contract.vocab_size, target.architecture.max_positions,
-            request.ngram_tokens, corpus)
+    args = (source.model, source.tokenizer, target.contract.vocab_size, request.ngram_tokens, corpus)
     if bars and request.ngram_tokens:  # a counted bar instead of a spinner (one live display at a time)
-        bar = bars(f"sampling n-gram text from {short_name(sampler.source)} (tokens)", request.ngram_tokens)
+        bar = bars(f"{short_name(source.source)} writing text for the n-gram table (tokens)", request.ngram_tokens)
         try:
             model, info = build_ngram(*args, on_tokens=bar.update)
         finally:
             bar.close()
     else:
-        with progress(f"building the n-gram table ({request.ngram_tokens} sampled tokens"
+        with progress(f"building the n-gram table ({request.ngram_tokens} tokens of the target's text"
                       f"{', plus corpus files' if corpus else ''})"):
             model, info = build_ngram(*args)
     model.save(staging / NGRAM_FILE)
-    return NgramEntry(file=NGRAM_FILE, info={**info, "sampled_from": sampler.source})
+    return NgramEntry(file=NGRAM_FILE, info={**info, "sampled_from": source.source})
 
 
 def _write_tokenizer(loaded: LoadedModel, staging: Path) -> TokenizerEntry:

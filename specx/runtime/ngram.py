@@ -30,9 +30,10 @@ import numpy as np
 from specx.errors import BundleError
 
 FORMAT_VERSION = 1
-# Export default: no sampled table. On SmolLM2 with an int8 draft, a table of 8,192 sampled tokens made staged decoding
-# slower (1.17x vs 1.25x over plain, greedy) and ngram mode slower than plain (0.91x vs 1.07x) compared with counting
-# the context alone, and it cost minutes at export: docs/benchmarks.md. `--ngram-tokens N` / `--ngram-corpus` add one.
+# Export default: no table. A table of 8,192 tokens sampled at temperature 1.5 (the paper's recipe) made staged decoding
+# slower on SmolLM2 (1.17x vs 1.25x over plain, greedy) than counting the context alone; one of 25,000 tokens of the
+# target's own text (specx.exporter.ngram_build) raised int4 n-gram 1-chains' tau from 1.27 to 1.37, at the same speed
+# within noise and ~2 minutes more export: docs/benchmarks.md. `--ngram-tokens N` / `--ngram-corpus` add one.
 DEFAULT_SAMPLE_TOKENS = 0
 GT_MAX_COUNT = 5  # Katz: counts above this are reliable and not discounted
 UNIGRAM_PSEUDOCOUNT = 0.5
