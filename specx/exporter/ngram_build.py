@@ -2,10 +2,10 @@
 its training text with (requests on built-in topics answered through the chat template, the same requests continued
 as plain text, free and random-prompt samples; half greedy, half sampled at 0.8), and/or text files the user passes.
 
-The table proposes what the target itself tends to write next, so it is fitted on the target's own text: on SmolLM2's
-int4 graph, n-gram 1-chains over 16 held-out prompts reached tau 1.43 with a table from this text (1.38-1.40 from
-12,500-100,000 tokens of it), 1.29 counting the context alone, and 1.28 with a table from 30,000 tokens sampled at
-temperature 1.5 (what this module did before, after the paper): docs/benchmarks.md."""
+The table proposes what the target itself tends to write next, so it is fitted on the target's own text: replayed on
+SmolLM2's int4 greedy outputs for 16 held-out prompts, n-gram 1-chains reached tau 1.43 with a table from 250,000
+tokens of this text (1.38-1.40 from 12,500-100,000), 1.29 counting the context alone, and 1.28 with a table from
+30,000 tokens sampled at temperature 1.5 (what this module did before, after the paper): docs/benchmarks.md."""
 
 from __future__ import annotations
 
