@@ -31,7 +31,6 @@ with.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -46,7 +45,7 @@ from benchmarks.common import machine  # noqa: E402
 from specx.drafttrain.data import (distill, draft_vocabulary, next_round, text_length, text_shares,  # noqa: E402
                                    write_text_shard)
 from specx.drafttrain.pipeline import DEFAULT_DRAFT_VOCAB, DEFAULT_TOKENS  # noqa: E402
-from specx.drafttrain.precision import fast_dtype  # noqa: E402
+from specx.drafttrain.precision import fast_dtype, in_precision  # noqa: E402
 from specx.drafttrain.train import TrainConfig, default_feature_layers, new_draft, train  # noqa: E402
 from specx.exporter.adapters import adapter_for  # noqa: E402
 from specx.exporter.sources import load_source  # noqa: E402
@@ -93,7 +92,7 @@ def measure(bundle: Path, tokens: int, epochs: float, precision: str) -> dict:
     adapter = adapter_for(loaded.model.config)
     layers = default_feature_layers(adapter.spec.num_layers)
     dtype = fast_dtype("cpu") if precision == "auto" else {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype=dtype)
+    model = in_precision(loaded.model, dtype)
     start = time.perf_counter()
     plan = next_round(tokens, text_shares(loaded.tokenizer), [], text_length(model))
     texts = [text for shard in plan for text in write_text_shard(model, loaded.tokenizer, shard, seed=0)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine  # noqa: E402
 from specx.drafttrain.data import ProgressBar, TextShard, distill, write_text_shard  # noqa: E402
 from specx.drafttrain.phases import target_fingerprint  # noqa: E402
-from specx.drafttrain.precision import fast_dtype  # noqa: E402
+from specx.drafttrain.precision import fast_dtype, in_precision  # noqa: E402
 from specx.drafttrain.teacher import GraphTeacher, GraphWriter, TeacherGraph, teacher_graph  # noqa: E402
 from specx.drafttrain.train import default_feature_layers  # noqa: E402
 from specx.exporter.adapters import adapter_for  # noqa: E402
@@ -52,7 +51,7 @@ def main() -> None:
     root, entry = teacher_graph(args.work, manifest, loaded, adapter, layers,
                                 target_fingerprint(loaded.model, loaded.tokenizer), lambda _: contextlib.nullcontext())
     dtype = fast_dtype("cpu")
-    source = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype=dtype)
+    source = in_precision(loaded.model, dtype)
     graph = TeacherGraph(root, entry, "cpu", args.threads)
     writers = {"source": source, "graph": GraphWriter(graph, loaded.model.config)}
     labellers = {"source": lambda texts: distill(source, texts, layers),

@@ -13,7 +13,6 @@ budget: its first texts, a random subset.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -29,7 +28,7 @@ from specx.drafttrain.data import (LABELS_BAR, MAX_ROUNDS, ORDER_STREAM, TEXTS_B
                                    Progress, ProgressBar, TextShard, corpus_texts, distill, next_round, text_length,
                                    text_shares, write_text_shard)
 from specx.drafttrain.distributed import Ranks
-from specx.drafttrain.precision import fast_dtype
+from specx.drafttrain.precision import fast_dtype, in_precision
 from specx.drafttrain.teacher import GraphTeaching
 from specx.drafttrain.workdir import Phase
 from specx.errors import InvalidArgumentError
@@ -165,9 +164,7 @@ class _Writer:
 
     def __call__(self, dtype: str) -> PreTrainedModel:
         if self.copy is None:
-            wanted = getattr(torch, dtype)
-            keep = wanted == torch.float32 and self.device == "cpu"  # the target itself serves: no second copy
-            self.copy = self.model if keep else copy.deepcopy(self.model).to(device=self.device, dtype=wanted)
+            self.copy = in_precision(self.model, getattr(torch, dtype), self.device)
         return self.copy
 
 

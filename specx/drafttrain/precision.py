@@ -9,6 +9,7 @@ measured on the spot, not assumed.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -16,6 +17,14 @@ import torch
 PROBE_SHAPE = (128, 576, 1536)  # rows x inner x outer: one small decoder's MLP over a batch of tokens
 PROBE_REPEATS = 5
 MIN_GAIN = 1.2  # bfloat16 must be this much faster to be used
+
+
+def in_precision(model: torch.nn.Module, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
+    """``model`` (float32, on the CPU) in ``dtype`` on ``device``: the model itself where nothing changes, else a copy
+    (the source stays float32 for export)."""
+    if dtype == torch.float32 and device == "cpu":
+        return model
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
 def fast_dtype(device: str) -> torch.dtype:

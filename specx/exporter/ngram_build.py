@@ -9,16 +9,14 @@ tokens of this text (1.38-1.40 from 12,500-100,000), 1.29 counting the context a
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specx.drafttrain.data import ProgressBar, generate_texts
-from specx.drafttrain.precision import fast_dtype
+from specx.drafttrain.precision import fast_dtype, in_precision
 from specx.runtime.ngram import DEFAULT_SAMPLE_TOKENS, KatzTrigram
 
 TEXT_RECIPE = "self-written (train-draft's text recipe)"
@@ -37,9 +35,7 @@ def self_written(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tok
                  on_tokens: Callable[[int], None] = lambda n: None) -> list[list[int]]:
     """About ``tokens`` tokens (at least that many) the target writes itself, in the precision this CPU runs
     fastest (bfloat16 where it measures faster, else the model itself); ``on_tokens(n)`` after each batch."""
-    dtype = fast_dtype("cpu")
-    writer = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    texts = generate_texts(writer, tokenizer, tokens, np.random.default_rng(seed),
+    texts = generate_texts(in_precision(model, fast_dtype("cpu")), tokenizer, tokens, np.random.default_rng(seed),
                            progress=lambda _name, _total: _Counter(on_tokens))
     return [text.tolist() for text in texts]
 
